@@ -1,0 +1,227 @@
+"""Classifier = Backbone + linear head, the registered builders, and build / save / load by `WeightSpec`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loupe.core.errors import ConfigError, WeightsMismatchError
+from loupe.core.models.backbones import Backbone, OpenClipVisualBackbone, TimmViTBackbone, create_backbone
+from loupe.core.models.spec import WeightSpec
+from loupe.core.models.weights import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    LoadReport,
+    adapt_vit_keys,
+    find_weights_file,
+    load_into,
+    load_state_dict,
+    resolve_source,
+)
+from loupe.core.registry import MODELS
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    """A Backbone with a linear head over its pooled embedding; ``num_outputs=0`` gives embeddings only."""
+
+    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head_drop = nn.Dropout(head_drop)
+        self.head = nn.Linear(backbone.embed_dim, num_outputs) if num_outputs > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)  # [B, N, D_tok]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(self.backbone.forward_features(x))  # [B, D]
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.backbone.pool(tokens)))  # [B, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))  # [B, K] logits
+
+
+def vit_classifier(
+    backbone: str,
+    *,
+    num_outputs: int = 0,
+    in_chans: int = 3,
+    img_size: int | tuple[int, int] | None = None,
+    drop_path_rate: float = 0.0,
+    head_drop: float = 0.0,
+    **backbone_kwargs: Any,
+) -> Classifier:
+    """The generic builder: every knob. Named variants bind sizes and register a name.
+
+    ``img_size`` None keeps the architecture's own size (224 for timm ViTs, the config's for open_clip).
+    """
+    size = img_size if img_size is None or isinstance(img_size, int) else tuple(img_size)
+    kw: dict[str, Any] = dict(in_chans=in_chans, **backbone_kwargs)
+    if size is not None:
+        kw["img_size"] = size
+    if backbone.startswith("timm:"):
+        kw["drop_path_rate"] = drop_path_rate
+    elif isinstance(size, tuple):
+        if size[0] != size[1]:
+            raise ConfigError(f"open_clip towers need a square input, got img_size={size}")
+        kw["img_size"] = size[0]
+    return Classifier(create_backbone(backbone, **kw), num_outputs, head_drop=head_drop)
+
+
+def register_vit(name: str, backbone: str, *, domain: str = "core", **bound: Any) -> None:
+    """Register ``name`` as ``vit_classifier(backbone, **bound, **call_kwargs)``."""
+
+    def builder(**kwargs: Any) -> Classifier:
+        return vit_classifier(backbone, **{**bound, **kwargs})
+
+    builder.__doc__ = f"{backbone} {bound}"
+    MODELS.register(name, builder, domain=domain, backbone=backbone, **bound)
+
+
+# Small general-purpose variants; domains register their own named models on top.
+register_vit("vit_micro_patch8", "timm:vit_tiny_patch16_224", patch_size=8, embed_dim=96, depth=4, num_heads=3)
+register_vit("vit_tiny_patch16", "timm:vit_tiny_patch16_224")
+register_vit("vit_small_patch16", "timm:vit_small_patch16_224")
+register_vit("vit_base_patch16", "timm:vit_base_patch16_224")
+register_vit("clip_vit_b16_visual", "open_clip:ViT-B-16")
+register_vit("clip_vit_b32_visual", "open_clip:ViT-B-32")
+
+
+# ---------------------------------------------------------------------------------------------- build and load
+def build_model(spec: WeightSpec, *, load_weights: bool = True) -> tuple[Classifier, LoadReport | None]:
+    """Build the registered architecture for ``spec`` and, when it has a source, load the weights into it."""
+    model = MODELS.create(
+        spec.architecture,
+        num_outputs=spec.num_outputs,
+        in_chans=spec.in_chans,
+        img_size=tuple(spec.input_size[1:]),
+        **spec.model_kwargs,
+    )
+    report = None
+    if spec.source and load_weights:
+        report = load_weights_into(model, spec.source, spec.layout)
+        log.info("loaded %s into %s: %s", spec.source, spec.architecture, report.summary())
+    return model, report
+
+
+def load_weights_into(model: Classifier, source: str, layout: str) -> LoadReport:
+    path = resolve_source(source)
+    sd = load_state_dict(path)
+    loader = {"loupe": _load_loupe, "timm": _load_timm, "mae": _load_mae, "open_clip": _load_open_clip}.get(layout)
+    if loader is None:
+        raise ConfigError(f"weight layout {layout!r} is unknown; use loupe, timm, mae or open_clip")
+    return loader(model, sd, source)
+
+
+def _load_loupe(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
+    return load_into(model, sd, source=source)
+
+
+def _timm_inner(model: Classifier, source: str) -> nn.Module:
+    if not isinstance(model.backbone, TimmViTBackbone):
+        raise WeightsMismatchError(f"{source}: timm/MAE weights need a timm backbone, the model has {model.backbone}")
+    return model.backbone.model
+
+
+def _load_timm(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
+    report = LoadReport()
+    inner = _timm_inner(model, source)
+    sd = adapt_vit_keys(sd, inner, report)
+    full = {f"backbone.model.{k}": v for k, v in sd.items()}
+    return load_into(
+        model,
+        full,
+        allow_missing=("head.*",),
+        allow_unexpected=("backbone.model.head.*", "backbone.model.head_drop.*"),
+        report=report,
+        source=source,
+    )
+
+
+def _load_mae(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """MAE pretraining checkpoints (facebook / medical MAE): encoder keys are timm's; decoder keys are dropped."""
+    report = LoadReport()
+    dropped = [k for k in sd if k.startswith(("decoder_", "decoder.", "mask_token"))]
+    enc = {k: v for k, v in sd.items() if k not in dropped}
+    if not any(k.startswith("blocks.") for k in enc):
+        raise WeightsMismatchError(f"{source}: no encoder keys (blocks.*) in the MAE checkpoint; is it an MAE file?")
+    report.unexpected += dropped
+    if dropped:
+        report.conversions.append(f"dropped {len(dropped)} decoder/mask-token keys")
+    inner = _timm_inner(model, source)
+    enc = adapt_vit_keys(enc, inner, report)
+    uses_fc_norm = not isinstance(getattr(inner, "fc_norm", nn.Identity()), nn.Identity)
+    full = {f"backbone.model.{k}": v for k, v in enc.items()}
+    return load_into(
+        model,
+        full,
+        allow_missing=("head.*", "backbone.model.fc_norm.*") if uses_fc_norm else ("head.*",),
+        allow_unexpected=("backbone.model.norm.*", "backbone.model.head.*") if uses_fc_norm else ("backbone.model.head.*",),
+        report=report,
+        source=source,
+    )
+
+
+def _load_open_clip(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
+    from open_clip.model import resize_pos_embed
+
+    if not isinstance(model.backbone, OpenClipVisualBackbone):
+        raise WeightsMismatchError(f"{source}: open_clip weights need an open_clip backbone")
+    report = LoadReport()
+    visual_only = not any(k.startswith("visual.") for k in sd)
+    if visual_only:
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+    before = sd.get("visual.positional_embedding")
+    resize_pos_embed(sd, model.backbone.clip)
+    if before is not None and sd["visual.positional_embedding"].shape != before.shape:
+        report.conversions.append(f"visual.positional_embedding resampled to {tuple(sd['visual.positional_embedding'].shape)}")
+    full = {f"backbone.clip.{k}": v for k, v in sd.items()}
+    allow_missing = ("head.*",) + (("backbone.clip.*",) if visual_only else ())
+    if visual_only:
+        report.conversions.append("visual tower only: the text tower keeps random weights")
+    return load_into(model, full, allow_missing=allow_missing, report=report, source=source)
+
+
+def save_model(model: nn.Module, spec: WeightSpec, out_dir: str | Path) -> Path:
+    """Write ``weights.safetensors`` + ``weight_spec.json`` (source cleared, layout loupe) into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_dedupe_shared(state), str(out / WEIGHTS_FILE))
+    spec.replace(source=None, layout="loupe").save(out / SPEC_FILE)
+    return out
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+def load_model_dir(path: str | Path) -> tuple[Classifier, WeightSpec]:
+    """Load a folder written by `save_model` (or downloaded from MLflow)."""
+    p = Path(path)
+    if not (p / SPEC_FILE).is_file():
+        raise ConfigError(f"{p} has no {SPEC_FILE}; it is not a Loupe model folder (save one with save_model)")
+    spec = WeightSpec.load(p / SPEC_FILE)
+    find_weights_file(p)
+    model, _ = build_model(spec.replace(source=f"local-dir:{p}", layout="loupe"))
+    model.eval()
+    return model, spec
