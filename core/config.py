@@ -160,7 +160,7 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             if len(args) != len(value):
                 problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
                 return _MISSING
-            items = [_coerce(a, v, f"{path}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value))]
+            items = [_coerce(a, v, f"{path}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value, strict=True))]
         else:
             item_tp = args[0] if args else Any
             items = [_coerce(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]

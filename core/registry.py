@@ -51,7 +51,7 @@ class Registry(Generic[T]):
         """``@MODELS.decorator("cxr_vit_small_patch16", domain="cxr")`` registers the decorated builder."""
 
         def wrap(obj: T) -> T:
-            return self.register(name or getattr(obj, "__name__"), obj, domain=domain, **meta)
+            return self.register(name or obj.__name__, obj, domain=domain, **meta)
 
         return wrap
 
@@ -107,6 +107,7 @@ def discover_domains() -> list[str]:
     """
     global _discovered
     if not _discovered:
+        import loupe.core.models  # noqa: F401 - registers the general-purpose builders
         import loupe.domains as pkg
 
         for info in pkgutil.iter_modules(pkg.__path__, prefix="loupe.domains."):

@@ -64,7 +64,9 @@ def resize(t: torch.Tensor, size: tuple[int, int], mode: str, interpolation: str
         target = size
     if (h, w) != target:
         aa = interpolation != "nearest"
-        t = F.interpolate(t[None], size=target, mode=interpolation, antialias=aa, align_corners=None if not aa else False)[0]
+        t = F.interpolate(
+            t[None], size=target, mode=interpolation, antialias=aa, align_corners=None if not aa else False
+        )[0]
     if target != size:
         top, left = (target[0] - size[0]) // 2, (target[1] - size[1]) // 2
         t = t[:, top : top + size[0], left : left + size[1]]

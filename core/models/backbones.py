@@ -196,7 +196,11 @@ class OpenClipVisualBackbone(Backbone):
             self.img_size = tuple(trunk.patch_embed.img_size)  # type: ignore[assignment]
             self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
             self.token_dim = int(trunk.num_features)
-            self.embed_dim = int(v.head(torch.zeros(1, self.token_dim)).shape[-1]) if len(list(v.head.children())) else self.token_dim
+            self.embed_dim = (
+                int(v.head(torch.zeros(1, self.token_dim)).shape[-1])
+                if len(list(v.head.children()))
+                else self.token_dim
+            )
         else:
             raise ConfigError(
                 f"open_clip model {arch!r} has a {type(v).__name__} visual tower; Loupe backbones need a ViT tower"

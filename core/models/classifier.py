@@ -167,7 +167,9 @@ def _load_mae(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> Lo
         model,
         full,
         allow_missing=("head.*", "backbone.model.fc_norm.*") if uses_fc_norm else ("head.*",),
-        allow_unexpected=("backbone.model.norm.*", "backbone.model.head.*") if uses_fc_norm else ("backbone.model.head.*",),
+        allow_unexpected=("backbone.model.norm.*", "backbone.model.head.*")
+        if uses_fc_norm
+        else ("backbone.model.head.*",),
         report=report,
         source=source,
     )
@@ -185,7 +187,9 @@ def _load_open_clip(model: Classifier, sd: dict[str, torch.Tensor], source: str)
     before = sd.get("visual.positional_embedding")
     resize_pos_embed(sd, model.backbone.clip)
     if before is not None and sd["visual.positional_embedding"].shape != before.shape:
-        report.conversions.append(f"visual.positional_embedding resampled to {tuple(sd['visual.positional_embedding'].shape)}")
+        report.conversions.append(
+            f"visual.positional_embedding resampled to {tuple(sd['visual.positional_embedding'].shape)}"
+        )
     full = {f"backbone.clip.{k}": v for k, v in sd.items()}
     allow_missing = ("head.*",) + (("backbone.clip.*",) if visual_only else ())
     if visual_only:

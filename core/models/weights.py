@@ -137,7 +137,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"unpickles code; re-save it as tensors only (torch.save(model.state_dict())) or as .safetensors"
             ) from None
         except (RuntimeError, EOFError, OSError) as exc:
-            raise WeightsMismatchError(f"{p}: not a readable torch checkpoint ({exc}); the file may be truncated") from None
+            raise WeightsMismatchError(
+                f"{p}: not a readable torch checkpoint ({exc}); the file may be truncated"
+            ) from None
         sd = _unwrap(obj, p)
     return _strip_prefix(sd, "module.")
 
@@ -181,9 +183,8 @@ class LoadReport:
     conversions: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
-            f"{len(self.missing)} new (missing) keys, {len(self.unexpected)} dropped keys; "
-            + ("; ".join(self.conversions) or "no conversions")
+        return f"{len(self.missing)} new (missing) keys, {len(self.unexpected)} dropped keys; " + (
+            "; ".join(self.conversions) or "no conversions"
         )
 
 

@@ -64,8 +64,9 @@ def test_failed_run_is_marked_failed(store: str) -> None:
 
 
 def test_model_registry_alias_round_trip(store: str, tmp_path: Path) -> None:
-    spec = WeightSpec(name="m", architecture="vit_micro_patch8", input_size=(1, 16, 16), mean=(0.5,), std=(0.5,),
-                      label_names=("x",))
+    spec = WeightSpec(
+        name="m", architecture="vit_micro_patch8", input_size=(1, 16, 16), mean=(0.5,), std=(0.5,), label_names=("x",)
+    )
     model, _ = build_model(spec)
     model.eval()
     tracker = MlflowTracker(store)

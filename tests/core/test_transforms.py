@@ -10,8 +10,15 @@ from loupe.core.transforms import ModelInput, match_channels, resize, to_unit_fl
 
 
 def _spec(c: int, size: int = 8, mode: str = "squash") -> WeightSpec:
-    return WeightSpec(name="s", architecture="x", input_size=(c, size, size), mean=(0.5,) * c, std=(0.5,) * c,
-                      resize_mode=mode, interpolation="bilinear")
+    return WeightSpec(
+        name="s",
+        architecture="x",
+        input_size=(c, size, size),
+        mean=(0.5,) * c,
+        std=(0.5,) * c,
+        resize_mode=mode,
+        interpolation="bilinear",
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,22 @@ NANO = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 def _timm_nano(in_chans: int = 3, img_size: int = 32, **kw) -> torch.nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=in_chans, img_size=img_size, **NANO, **kw).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, in_chans=in_chans, img_size=img_size, **NANO, **kw
+    ).eval()
 
 
 def _spec(source: str | None, layout: str, arch: str = "test_vit_nano", c: int = 3, size: int = 32, **kw) -> WeightSpec:
     return WeightSpec(
-        name="t", architecture=arch, source=source, layout=layout, input_size=(c, size, size),
-        mean=(0.5,) * c, std=(0.25,) * c, label_names=("a", "b"), **kw,
+        name="t",
+        architecture=arch,
+        source=source,
+        layout=layout,
+        input_size=(c, size, size),
+        mean=(0.5,) * c,
+        std=(0.25,) * c,
+        label_names=("a", "b"),
+        **kw,
     )
 
 
@@ -141,7 +150,9 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 
 
 def test_wrong_architecture_lists_the_mismatches(tmp_path: Path) -> None:
-    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+    other = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2
+    )
     save_file(other.state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(WeightsMismatchError, match=r"shape mismatches \(.*file \(48,\).*model \(32,\)"):
         build_model(_spec(f"file:{tmp_path / 'w.safetensors'}", "timm"))

@@ -1,0 +1,230 @@
+"""The ``loupe`` command line (typer + rich). Exit codes: 0 ok, 1 some inputs failed, 2 usage / config error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loupe.core.errors import ConfigError, LoupeError, UnknownNameError, WeightsNotFoundError
+from loupe.core.registry import DOMAINS, LABEL_SETS, MODELS, PRESETS, RECIPES, WEIGHTS, discover_domains
+
+app = typer.Typer(
+    name="loupe",
+    help="Loupe: take a closer look at chest X-rays, pathology slides and forensic images with vision transformers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+weights_app = typer.Typer(help="List, fetch and import model weights (the offline cache).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+TrackingUri = typer.Option(
+    None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local SQLite store)."
+)
+
+
+def _fail(exc: LoupeError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (INFO) to stderr.")) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command("models")
+def models_cmd(
+    domain: str | None = typer.Option(None, help="Only this domain."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """List the registered domains, models, label sets, presets, recipes and weight tags."""
+    discover_domains()
+    registries = {"model": MODELS, "label set": LABEL_SETS, "preset": PRESETS, "recipe": RECIPES, "weight tag": WEIGHTS}
+    if as_json:
+        out = {k: [e.name for e in r.entries() if domain in (None, e.domain)] for k, r in registries.items()}
+        out["domain"] = DOMAINS.names()
+        console.print_json(json.dumps(out))
+        return
+    console.print(f"[bold]Domains:[/] {', '.join(DOMAINS.names()) or '(none)'}")
+    for kind, reg in registries.items():
+        table = Table(title=f"{kind}s", title_justify="left")
+        table.add_column("name")
+        table.add_column("domain")
+        table.add_column("details", overflow="fold")
+        for e in reg.entries():
+            if domain in (None, e.domain):
+                details = ", ".join(f"{k}={v}" for k, v in e.meta.items() if k != "doc") or e.meta.get("doc", "")
+                table.add_row(e.name, e.domain, str(details))
+        console.print(table)
+
+
+@app.command("validate")
+def validate_cmd(
+    cfg: Path = typer.Argument(..., help="Recipe YAML."), overrides: list[str] = typer.Argument(None)
+) -> None:
+    """Check a recipe config without running it; prints the resolved config."""
+    from loupe.core.config import to_dict
+    from loupe.core.recipes import load_recipe
+
+    try:
+        cls, conf = load_recipe(cfg, overrides or [])
+    except LoupeError as exc:
+        _fail(exc)
+    console.print(f"[green]valid[/] {cls.name} config")
+    console.print_json(json.dumps(to_dict(conf)))
+
+
+def _run_recipe(mode: str, cfg: Path, overrides: list[str], tracking_uri: str | None) -> None:
+    from loupe.core.recipes import load_recipe
+    from loupe.core.tracking import make_tracker
+
+    try:
+        cls, conf = load_recipe(cfg, overrides)
+        tracker = make_tracker(tracking_uri or conf.run.tracking_uri, enabled=conf.run.track)
+        result = cls(conf, tracker).run(mode)
+    except LoupeError as exc:
+        _fail(exc)
+    console.print_json(json.dumps(result, default=str))
+
+
+@app.command("train")
+def train_cmd(
+    cfg: Path,
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=3"),
+    tracking_uri: str | None = TrackingUri,
+) -> None:
+    """Run a recipe's training, tracked in MLflow."""
+    _run_recipe("train", cfg, overrides or [], tracking_uri)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    cfg: Path, overrides: list[str] = typer.Argument(None), tracking_uri: str | None = TrackingUri
+) -> None:
+    """Run a recipe's evaluation, tracked in MLflow."""
+    _run_recipe("evaluate", cfg, overrides or [], tracking_uri)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("loupe-demo"), help="Folder for the demo's inputs and predictions."),
+    domain: list[str] = typer.Option(None, help="Only these domains (default: every registered domain)."),
+    tracking_uri: str | None = TrackingUri,
+) -> None:
+    """The main job on embedded defaults: sample inputs, a small model, scoring, runs in the local MLflow store."""
+    names = discover_domains()
+    console.print(f"[bold]Registered domains:[/] {', '.join(names) or '(none)'}")
+    console.print(f"[bold]Registered models:[/] {', '.join(MODELS.names())}")
+    code = 0
+    for d in domain or names:
+        try:
+            demo = DOMAINS.get(d).demo
+        except UnknownNameError as exc:
+            _fail(exc)
+        if demo is None:
+            console.print(f"domain {d}: no demo registered yet")
+            continue
+        code = max(code, int(demo(out_dir=out / d, tracking_uri=tracking_uri, console=console) or 0))
+    raise typer.Exit(0 if code in (0, 1) else code)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Registered weight tags and whether each is in the local cache."""
+    from loupe.core.models.weights import tag_path
+
+    discover_domains()
+    table = Table("tag", "domain", "cached", "path")
+    for e in WEIGHTS.entries():
+        p = tag_path(e.name)
+        table.add_row(e.name, e.domain, "yes" if p.is_file() else "no", str(p))
+    console.print(table)
+
+
+@weights_app.command("fetch")
+def weights_fetch(source: str = typer.Argument(..., help="hf-hub:org/repo[/file] or tag:NAME")) -> None:
+    """Download weights into the cache (needs a network)."""
+    from loupe.core.models.weights import resolve_source
+
+    try:
+        if source.startswith("tag:"):
+            spec = WEIGHTS.get(source.removeprefix("tag:"))
+            upstream = getattr(spec, "source", None)
+            if not upstream or upstream.startswith("tag:"):
+                raise ConfigError(
+                    f"tag {source!r} has no upstream source to fetch; import a file with `loupe weights import`"
+                )
+            path = resolve_source(upstream)
+            _import(path, source.removeprefix("tag:"))
+        else:
+            path = resolve_source(source)
+        console.print(f"[green]cached[/] {source} → {path}")
+    except (LoupeError, WeightsNotFoundError) as exc:
+        _fail(exc)
+
+
+def _import(path: Path, tag: str) -> Path:
+    import shutil
+
+    from loupe.core.models.weights import find_weights_file, load_state_dict, tag_path
+
+    src = find_weights_file(Path(path))
+    dst = tag_path(tag)
+    if dst.exists():
+        raise ConfigError(f"{dst} already exists; remove it first if you mean to replace the cached weights of {tag!r}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix == ".safetensors":
+        shutil.copy2(src, dst)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in load_state_dict(src).items()}, str(dst))
+    return dst
+
+
+@weights_app.command("import")
+def weights_import(path: Path, tag: str = typer.Option(..., help="Tag to file the weights under.")) -> None:
+    """Copy a local weights file (converted to safetensors) into the cache under a tag."""
+    try:
+        dst = _import(path, tag)
+    except LoupeError as exc:
+        _fail(exc)
+    console.print(f"[green]imported[/] {path} → {dst}")
+
+
+def _mount_optional() -> None:
+    """Sub-apps that live in their own modules (``loupe data``, ``loupe score``, ...)."""
+    import importlib
+
+    for module, name in (("loupe.workflows.data_cli", "data"),):
+        try:
+            sub = importlib.import_module(module)
+        except ImportError:
+            continue
+        app.add_typer(sub.app, name=name)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except LoupeError as exc:  # anything that escaped a command is still a clear, non-traceback error
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
