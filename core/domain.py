@@ -37,7 +37,10 @@ class DomainInfo:
     name: str
     description: str
     load_input: InputLoader = standard_loader
-    demo: Callable[..., int] | None = None
+    # demo_inputs(out_dir) -> folder of sample inputs the product can reach offline (from installed packages)
+    demo_inputs: Callable[[Path], Path] | None = None
+    # demo_model(work_dir, tracker) -> a Loupe model folder (weights.safetensors + weight_spec.json)
+    demo_model: Callable[..., Path] | None = None
     default_model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
