@@ -98,17 +98,20 @@ RECIPES: Registry[Any] = Registry("recipe")
 DOMAINS: Registry[Any] = Registry("domain")
 
 _discovered = False
+DOMAINS_PACKAGE = "loupe.domains"
 
 
 def discover_domains() -> list[str]:
     """Import every package under ``loupe.domains`` so that each registers itself; returns the domain names.
 
     A domain that fails to import is logged and skipped, so one broken domain does not take the CLI down.
+    Domains are plugins: core finds them by package name at run time and never imports them statically.
     """
     global _discovered
     if not _discovered:
         import loupe.core.models  # noqa: F401 - registers the general-purpose builders
-        import loupe.domains as pkg
+
+        pkg = importlib.import_module(DOMAINS_PACKAGE)
 
         for info in pkgutil.iter_modules(pkg.__path__, prefix="loupe.domains."):
             if not info.ispkg:

@@ -1,0 +1,62 @@
+"""The install layout: every package folder is listed in pyproject, mlflow and streamlit stay at their edges."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"core": "loupe.core", "domains": "loupe.domains", "workflows": "loupe.workflows", "apps": "loupe.apps"}
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _source_files() -> list[Path]:
+    return [p for top in MAPPED for p in (ROOT / top).rglob("*.py")]
+
+
+def test_every_package_folder_is_installed() -> None:
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join([MAPPED[init.relative_to(ROOT).parts[0]], *init.relative_to(ROOT).parts[1:-1]])
+        for top in MAPPED
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_torch_pins() -> None:
+    deps = _pyproject()["project"]["dependencies"]
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize(("lib", "allowed"), [("mlflow", {"core/tracking.py"}), ("streamlit", None)])
+def test_edge_libraries_stay_at_the_edges(lib: str, allowed: set[str] | None) -> None:
+    offenders = []
+    for p in _source_files():
+        rel = p.relative_to(ROOT).as_posix()
+        ok = rel in allowed if allowed is not None else rel.startswith("apps/")
+        if lib in _imports(p) and not ok:
+            offenders.append(rel)
+    assert offenders == []
+
+
+def test_no_unsafe_torch_load() -> None:
+    offenders = [p for p in _source_files() if "weights_only=False" in p.read_text().replace(" ", "")]
+    assert offenders == []
