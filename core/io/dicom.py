@@ -1,0 +1,280 @@
+"""Read a DICOM file the way a radiology viewer displays it, with every pixel decision written down.
+
+``read_dicom`` returns ``float32`` in [0, 1], higher = brighter whatever the photometric interpretation:
+grayscale ``[H, W]`` (or ``[F, H, W]`` for multi-frame), colour ``[H, W, 3]`` (``[F, H, W, 3]``).
+
+Metadata keys (besides the common ``path``, ``source_format`` = ``"dicom"``, ``original_size``, ``frames``,
+``intensity``, ``pipeline``):
+
+- pixel module: ``photometric_interpretation``, ``rows``, ``columns``, ``samples_per_pixel``, ``bits_allocated``,
+  ``bits_stored`` (also as ``bit_depth``), ``pixel_representation``, ``transfer_syntax`` (UID),
+  ``transfer_syntax_name``, ``compressed``;
+- display decisions: ``rescale`` (source, slope, intercept, type such as ``"HU"``), ``voi`` (kind ``"lut"`` /
+  ``"window"`` / ``"minmax"``, with centre / width / function / index / count or low / high), ``inverted``
+  (MONOCHROME1 flipped so that higher = brighter);
+- study: ``modality``, ``view_position``, ``presentation_intent`` ("FOR PRESENTATION" / "FOR PROCESSING"),
+  ``body_part``, ``pixel_spacing`` (row, column mm) with ``pixel_spacing_source`` (the tag it came from),
+  ``patient_sex``, ``patient_age`` (for subgroup tables), ``study_instance_uid``, ``series_instance_uid``.
+
+Nothing else identifying (no names, IDs, birth dates, accession numbers, institutions) is ever copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from loupe.core.errors import LoupeError
+from loupe.core.io import dicom_lut
+from loupe.core.io.common import MAX_PIXELS, LoadedImage, check_pixel_count, input_error
+from loupe.core.io.sniff import sniff_format
+
+log = logging.getLogger(__name__)
+
+_INSTALL_CODECS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+_REEXPORT = "the file is truncated or corrupt; re-export it from the PACS or modality"
+_META_TAGS = {
+    "modality": "Modality",
+    "view_position": "ViewPosition",
+    "presentation_intent": "PresentationIntentType",
+    "body_part": "BodyPartExamined",
+    "patient_sex": "PatientSex",
+    "patient_age": "PatientAge",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
+
+
+def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Read and render one DICOM file: modality LUT → VOI (LUT or window) → MONOCHROME1 inversion → [0, 1].
+
+    ``voi_index`` picks the VOI LUT / window when the file holds several (0 = the first, what viewers show);
+    ``None`` ignores the file's VOI and maps the modality values' min..max linearly to [0, 1].
+    Every failure (not DICOM, truncated, no pixel data, missing codec, unsupported photometric interpretation,
+    more than ``max_pixels`` values) raises `UnsupportedInputError` naming the file, the tag and the fix.
+    """
+    p = Path(path)
+    fmt = sniff_format(p)
+    if not fmt.startswith("dicom"):
+        raise input_error(
+            p, f"is not a DICOM file (no 'DICM' marker at byte 128; looks like {fmt})", "read it with read_any()"
+        )
+    try:
+        ds = _parse(p, force=fmt == "dicom-no-preamble")
+        return _render(p, ds, voi_index, max_pixels)
+    except LoupeError:
+        raise
+    except MemoryError as exc:
+        raise input_error(p, "ran out of memory while decoding the pixel data", _REEXPORT) from exc
+    except Exception as exc:  # noqa: BLE001 - boundary: pydicom / numpy / codecs raise many types on corrupt data
+        raise input_error(p, f"cannot be rendered ({type(exc).__name__}: {exc})", _REEXPORT) from exc
+
+
+def _parse(path: Path, *, force: bool) -> Dataset:
+    try:
+        return pydicom.dcmread(path, force=force)
+    except Exception as exc:  # noqa: BLE001 - boundary, see read_dicom
+        size = path.stat().st_size
+        raise input_error(
+            path, f"cannot be parsed as DICOM at {size} bytes ({type(exc).__name__}: {exc})", _REEXPORT
+        ) from exc
+
+
+def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> LoadedImage:
+    pi = _check_pixel_module(path, ds)
+    frames = _int(ds.get("NumberOfFrames"), 1)
+    rows, cols, spp = int(ds.Rows), int(ds.Columns), _int(ds.get("SamplesPerPixel"), 1)
+    check_pixel_count(
+        path, (frames, rows, cols, spp), "(0028,0010/0011/0008/0002) Rows x Columns x frames x samples", max_pixels
+    )
+    inferred = "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
+    tsyntax = _check_decoder(path, ds)
+    _check_native_length(path, ds, tsyntax, (frames, rows, cols, spp))
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - boundary, see read_dicom
+        problem = f"(7FE0,0010) Pixel Data in {tsyntax.name} cannot be decoded ({type(exc).__name__}: {exc})"
+        raise input_error(path, problem, _REEXPORT) from exc
+    pipeline = [f"decode: {tsyntax.name}" + (" (compressed)" if tsyntax.is_encapsulated else "")]
+    if inferred:
+        pipeline[0] += " (inferred: the file has no File Meta header)"
+    meta = _base_meta(path, ds, tsyntax, frames)
+    if pi in dicom_lut.MONOCHROME:
+        out = _render_gray(arr, ds, voi_index, tsyntax, pipeline, meta)
+    else:
+        out = _render_color(arr, ds, pi, pipeline, meta)
+    meta["pipeline"] = pipeline
+    return LoadedImage(np.ascontiguousarray(out, dtype=np.float32), meta)
+
+
+def _render_gray(
+    arr: np.ndarray, ds: Dataset, voi_index: int | None, tsyntax: Any, pipeline: list[str], meta: dict[str, Any]
+) -> np.ndarray:
+    if not tsyntax.is_encapsulated:
+        arr, step = dicom_lut.mask_bits_stored(arr, int(ds.BitsStored), _int(ds.get("PixelRepresentation"), 0) == 1)
+        if step:
+            pipeline.append(step)
+    values, step, meta["rescale"] = dicom_lut.modality(arr, ds)
+    pipeline.append(step)
+    try:
+        out, step, meta["voi"] = dicom_lut.voi(values, ds, voi_index)
+    except IndexError as exc:
+        raise input_error(meta["path"], f"(0028,1050)/(0028,3010) VOI: {exc}", "pass voi_index=0 or None") from exc
+    pipeline.append(step)
+    meta["inverted"] = ds.PhotometricInterpretation == "MONOCHROME1"
+    if meta["inverted"]:
+        out = 1.0 - out
+        pipeline.append("monochrome1: inverted (1 - x) so that higher = brighter")
+    meta["intensity"] = f"voi-rendered 0..1 ({meta['voi']['kind']}), higher = brighter (as MONOCHROME2)"
+    return out
+
+
+def _render_color(arr: np.ndarray, ds: Dataset, pi: str, pipeline: list[str], meta: dict[str, Any]) -> np.ndarray:
+    if pi == "PALETTE COLOR":
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        arr = apply_color_lut(arr, ds)
+        pipeline.append(f"palette: indices expanded through the {bits}-bit RGB palette")
+    else:
+        bits = int(ds.BitsStored)
+        if pi != "RGB":
+            pipeline.append(f"color: {pi} converted to RGB by the decoder")
+    out = arr.astype(np.float64) / float(2**bits - 1)
+    pipeline.append(f"scale: divided by {2**bits - 1} ({bits}-bit) to 0..1")
+    meta["inverted"] = False
+    meta["intensity"] = f"RGB 0..1 (samples / {2**bits - 1}), channels last"
+    return out
+
+
+def _check_pixel_module(path: Path, ds: Dataset) -> str:
+    """The photometric interpretation, once pixel data and the tags needed to read it are known present."""
+    if "PixelData" not in ds:
+        other = next((t for t in ("FloatPixelData", "DoubleFloatPixelData") if t in ds), None)
+        if other:
+            raise input_error(
+                path, f"holds {other}, not integer (7FE0,0010) Pixel Data", "convert it to integer pixels"
+            )
+        kind = getattr(ds.get("SOPClassUID"), "name", None) or "unknown SOP class"
+        raise input_error(
+            path,
+            f"has no (7FE0,0010) Pixel Data ({kind}): it is not an image, or it is truncated before its pixels",
+            "pass an image object (CR, DX, CT, MR...) or re-export the complete file",
+        )
+    for tag, name in (("(0028,0010)", "Rows"), ("(0028,0011)", "Columns"), ("(0028,0100)", "BitsAllocated")):
+        if ds.get(name) in (None, ""):
+            raise input_error(path, f"{tag} {name} is missing, so the pixel data cannot be laid out", _REEXPORT)
+    pi = str(ds.get("PhotometricInterpretation") or "").strip()
+    if pi not in dicom_lut.MONOCHROME + dicom_lut.COLOR:
+        shown = repr(pi) if pi else "missing"
+        raise input_error(
+            path,
+            f"(0028,0004) Photometric Interpretation {shown} is not supported "
+            f"(supported: {', '.join(dicom_lut.MONOCHROME + dicom_lut.COLOR)})",
+            "convert it to MONOCHROME2 or RGB and re-export",
+        )
+    if "BitsStored" not in ds:
+        ds.BitsStored = ds.BitsAllocated  # PS3.3 allows neither, but old files omit it; all bits are pixel bits
+    return pi
+
+
+def _check_decoder(path: Path, ds: Dataset) -> Any:
+    """The transfer syntax, once pydicom has a working decoder for it."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or _infer_tsyntax(ds)
+    if tsyntax is None:
+        raise input_error(
+            path, "(0002,0010) Transfer Syntax UID is missing", "re-export the file with a File Meta header"
+        )
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise input_error(
+            path,
+            f"(0002,0010) transfer syntax {tsyntax.name} ({tsyntax}) has no pixel decoder",
+            "convert it to Explicit VR Little Endian (e.g. `dcmconv +te` or `gdcmconv --raw`)",
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
+        raise input_error(
+            path,
+            f"(0002,0010) transfer syntax {tsyntax.name} needs a codec that is missing ({missing})",
+            _INSTALL_CODECS,
+        )
+    return tsyntax
+
+
+def _infer_tsyntax(ds: Dataset) -> UID | None:
+    """Files without a File Meta header: the syntax pydicom detected while parsing (always a native one)."""
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None or (implicit and not little):
+        return None
+    uid = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = uid
+    return uid
+
+
+def _check_native_length(path: Path, ds: Dataset, tsyntax: Any, dims: tuple[int, ...]) -> None:
+    if tsyntax.is_encapsulated:
+        return
+    bits = int(ds.BitsAllocated)
+    expected = (int(np.prod(dims)) * bits + 7) // 8
+    actual = len(ds.PixelData or b"")
+    if actual < expected:
+        raise input_error(
+            path,
+            f"the file is truncated: (7FE0,0010) Pixel Data has {actual:,} of {expected:,} bytes "
+            f"(file ends at byte {path.stat().st_size:,})",
+            "re-export or re-transfer the complete file",
+        )
+
+
+def _base_meta(path: Path, ds: Dataset, tsyntax: Any, frames: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {"path": str(path), "source_format": "dicom"}
+    meta["photometric_interpretation"] = str(ds.PhotometricInterpretation)
+    meta["rows"], meta["columns"] = int(ds.Rows), int(ds.Columns)
+    meta["original_size"] = (meta["rows"], meta["columns"])
+    meta["frames"] = frames
+    meta["samples_per_pixel"] = _int(ds.get("SamplesPerPixel"), 1)
+    meta["bits_allocated"] = int(ds.BitsAllocated)
+    meta["bits_stored"] = meta["bit_depth"] = int(ds.BitsStored)
+    meta["pixel_representation"] = _int(ds.get("PixelRepresentation"), 0)
+    meta["transfer_syntax"], meta["transfer_syntax_name"] = str(tsyntax), tsyntax.name
+    meta["compressed"] = bool(tsyntax.is_encapsulated)
+    for key, keyword in _META_TAGS.items():
+        meta[key] = _text(ds, keyword)
+    meta["pixel_spacing"], meta["pixel_spacing_source"] = _pixel_spacing(ds)
+    return meta
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, column) spacing in mm: PixelSpacing (calibrated at the patient) before ImagerPixelSpacing."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            if value is not None and len(value) == 2:
+                return (float(value[0]), float(value[1])), keyword
+        except (TypeError, ValueError):
+            log.debug("ignoring malformed %s", keyword)
+    return None, None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except (TypeError, ValueError):
+        return None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
