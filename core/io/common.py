@@ -43,6 +43,15 @@ def input_error(path: str | Path, problem: str, fix: str) -> UnsupportedInputErr
     return UnsupportedInputError(f"{path}: {problem}; {fix}")
 
 
+def is_decoder_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a decoder rejecting bad data (to be reported as `UnsupportedInputError`).
+
+    Any `Exception` qualifies, and so do panics of Rust codecs (pyo3's ``PanicException``, e.g. pylibjpeg-rle on a
+    corrupt segment), which derive from `BaseException`; interrupts and exits never do.
+    """
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def check_pixel_count(path: str | Path, dims: tuple[int, ...], what: str, max_pixels: int = MAX_PIXELS) -> None:
     """Refuse absurd or negative dimensions before any pixel buffer is allocated.
 

@@ -28,19 +28,21 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from loupe.core.errors import LoupeError
 from loupe.core.io import dicom_lut
-from loupe.core.io.common import MAX_PIXELS, LoadedImage, check_pixel_count, input_error
+from loupe.core.io.common import MAX_PIXELS, LoadedImage, check_pixel_count, input_error, is_decoder_failure
 from loupe.core.io.sniff import sniff_format
 
 log = logging.getLogger(__name__)
 
 _INSTALL_CODECS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
 _REEXPORT = "the file is truncated or corrupt; re-export it from the PACS or modality"
+_JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT/JPG/DAC) and JPEG-LS SOF55
 _META_TAGS = {
     "modality": "Modality",
     "view_position": "ViewPosition",
@@ -74,7 +76,9 @@ def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int =
         raise
     except MemoryError as exc:
         raise input_error(p, "ran out of memory while decoding the pixel data", _REEXPORT) from exc
-    except Exception as exc:  # noqa: BLE001 - boundary: pydicom / numpy / codecs raise many types on corrupt data
+    except BaseException as exc:  # noqa: BLE001 - boundary: pydicom / numpy / codecs raise many types on bad data
+        if not is_decoder_failure(exc):
+            raise
         raise input_error(p, f"cannot be rendered ({type(exc).__name__}: {exc})", _REEXPORT) from exc
 
 
@@ -98,9 +102,12 @@ def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> 
     inferred = "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
     tsyntax = _check_decoder(path, ds)
     _check_native_length(path, ds, tsyntax, (frames, rows, cols, spp))
+    _check_codestream(path, ds, tsyntax, frames)
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - boundary, see read_dicom
+    except BaseException as exc:  # noqa: BLE001 - boundary, see read_dicom
+        if not is_decoder_failure(exc):
+            raise
         problem = f"(7FE0,0010) Pixel Data in {tsyntax.name} cannot be decoded ({type(exc).__name__}: {exc})"
         raise input_error(path, problem, _REEXPORT) from exc
     pipeline = [f"decode: {tsyntax.name}" + (" (compressed)" if tsyntax.is_encapsulated else "")]
@@ -232,6 +239,58 @@ def _check_native_length(path: Path, ds: Dataset, tsyntax: Any, dims: tuple[int,
             f"(file ends at byte {path.stat().st_size:,})",
             "re-export or re-transfer the complete file",
         )
+
+
+def _check_codestream(path: Path, ds: Dataset, tsyntax: UID, frames: int) -> None:
+    """Before decoding, compare the first compressed frame with the header, so a corrupt Rows/Columns cannot make
+    the decoder allocate a huge buffer: JPEG / JPEG-LS / JPEG 2000 state their own size; RLE expands at most 64x.
+    """
+    if not tsyntax.is_encapsulated:
+        return
+    frame = next(generate_frames(ds.PixelData, number_of_frames=frames), b"")
+    if not frame:
+        raise input_error(path, "(7FE0,0010) encapsulated Pixel Data holds no frame", _REEXPORT)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    size = _j2k_size(frame) or _jpeg_size(frame)
+    if size is not None and size != (rows, cols):
+        raise input_error(
+            path,
+            f"(0028,0010/0011) Rows x Columns {rows}x{cols} differ from the compressed frame's {size[0]}x{size[1]}",
+            "the header is corrupt; re-export the file",
+        )
+    decoded = rows * cols * _int(ds.get("SamplesPerPixel"), 1) * -(-int(ds.BitsAllocated) // 8)
+    if tsyntax == RLELossless and decoded > 64 * len(frame):
+        raise input_error(
+            path,
+            f"(0028,0010/0011) Rows x Columns {rows}x{cols} need {decoded:,} bytes, more than the "
+            f"{len(frame):,}-byte RLE frame can expand to",
+            "the header is corrupt; re-export the file",
+        )
+
+
+def _j2k_size(src: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a raw JPEG 2000 codestream's SIZ segment (ISO/IEC 15444-1 A.5.1)."""
+    if len(src) < 24 or src[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(src[i : i + 4], "big") for i in (8, 12, 16, 20))
+    return ysiz - yosiz, xsiz - xosiz
+
+
+def _jpeg_size(src: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS SOF segment (ISO/IEC 10918-1 B.2.2), None when not found or 0."""
+    if src[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 9 <= len(src) and src[offset] == 0xFF:
+        marker = src[offset + 1]
+        if marker in _JPEG_SOF:
+            rows, cols = (
+                int.from_bytes(src[offset + 5 : offset + 7], "big"),
+                int.from_bytes(src[offset + 7 : offset + 9], "big"),
+            )
+            return (rows, cols) if rows and cols else None
+        offset += 2 + int.from_bytes(src[offset + 2 : offset + 4], "big")
+    return None
 
 
 def _base_meta(path: Path, ds: Dataset, tsyntax: Any, frames: int) -> dict[str, Any]:
