@@ -43,12 +43,19 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
     )
 
 
-@app.command("models")
+models_app = typer.Typer(help="What is registered, and the MLflow model registry (register, alias, list).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 def models_cmd(
+    ctx: typer.Context,
     domain: str | None = typer.Option(None, help="Only this domain."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """List the registered domains, models, label sets, presets, recipes and weight tags."""
+    if ctx.invoked_subcommand is not None:
+        return
     discover_domains()
     registries = {"model": MODELS, "label set": LABEL_SETS, "preset": PRESETS, "recipe": RECIPES, "weight tag": WEIGHTS}
     if as_json:
@@ -67,6 +74,65 @@ def models_cmd(
                 details = ", ".join(f"{k}={v}" for k, v in e.meta.items() if k != "doc") or e.meta.get("doc", "")
                 table.add_row(e.name, e.domain, str(details))
         console.print(table)
+
+
+@models_app.command("register")
+def models_register(
+    run_id: str = typer.Option(..., "--run-id", help="MLflow run whose 'model' artifact is registered."),
+    name: str = typer.Option(..., "--name", help="Registered model name."),
+    alias: str | None = typer.Option(None, "--alias", help="Point this alias (e.g. champion) at the new version."),
+    tracking_uri: str | None = TrackingUri,
+) -> None:
+    """Register a run's model folder as a new version of NAME (optionally setting an alias)."""
+    from loupe.core.tracking import make_tracker
+
+    try:
+        version = make_tracker(tracking_uri).register_model(name, run_id, alias=alias)
+    except LoupeError as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - the store's own errors (unknown run id) are usage errors here
+        _fail(LoupeError(f"could not register run {run_id!r} as {name!r}: {exc}"))
+    suffix = f" with alias @{alias}; score it with --model models:/{name}@{alias}" if alias else ""
+    console.print(f"[green]registered[/] {name} version {version}{suffix}")
+
+
+@models_app.command("alias")
+def models_alias(
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: str = typer.Argument(..., help="Version the alias points to."),
+    alias: str = typer.Argument(..., help="Alias, e.g. champion or challenger."),
+    tracking_uri: str | None = TrackingUri,
+) -> None:
+    """Point ALIAS of model NAME at VERSION (e.g. promote a challenger to champion)."""
+    from loupe.core.tracking import make_tracker
+
+    try:
+        make_tracker(tracking_uri).set_alias(name, version, alias)
+    except Exception as exc:  # noqa: BLE001 - unknown name / version from the store is a usage error
+        _fail(exc if isinstance(exc, LoupeError) else LoupeError(f"could not set {name}@{alias} → {version}: {exc}"))
+    console.print(f"[green]{name}@{alias}[/] → version {version}")
+
+
+@models_app.command("registered")
+def models_registered(
+    tracking_uri: str | None = TrackingUri,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the models in the MLflow registry with their versions and aliases."""
+    from loupe.core.tracking import make_tracker
+    from loupe.workflows.scoring import list_registered
+
+    try:
+        rows = list_registered(make_tracker(tracking_uri))
+    except LoupeError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("name", "version", "aliases", "run id", title="registered models", title_justify="left")
+    for r in rows:
+        table.add_row(r["name"], r["version"], ", ".join(f"@{a}" for a in r["aliases"]), r["run_id"])
+    console.print(table if rows else "no registered models (register one with `loupe models register`)")
 
 
 @app.command("validate")
@@ -114,6 +180,59 @@ def evaluate_cmd(
 ) -> None:
     """Run a recipe's evaluation, tracked in MLflow."""
     _run_recipe("evaluate", cfg, overrides or [], tracking_uri)
+
+
+@app.command("score")
+def score_cmd(
+    domain: str = typer.Argument(..., help="Domain of the inputs (see `loupe models`), e.g. cxr."),
+    input_path: Path = typer.Option(..., "--input", "-i", help="Folder (walked recursively) or manifest CSV/Parquet."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, local-dir:PATH, or a tag."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Predictions table (Parquet) to write."),
+    resume: bool = typer.Option(False, "--resume", help="Keep what an earlier run scored; score only the rest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing table and start again."),
+    backend: str = typer.Option("local", "--backend", help="local (DataLoader workers) or ray (Ray Data actors)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per batch (and per committed part)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", min=0, help="Reader processes [min(4, cpus)]."),
+    explain: bool = typer.Option(False, "--explain", help="Save Grad-CAM overlays (PNG) beside the table."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    ray_actors: int = typer.Option(2, "--ray-actors", min=1, help="Ray backend: number of scoring actors."),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", min=0.0, help="Ray backend: GPUs per actor (0 = CPU actors)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray backend: cluster address (auto, ...)."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Log the run (table, counts) to MLflow."),
+    tracking_uri: str | None = TrackingUri,
+) -> None:
+    """Score every image / DICOM under --input into one predictions row each. Exit 1 if any input failed."""
+    from loupe.workflows.scoring import RayOptions, ScoreOptions, score
+    from loupe.workflows.scoring.report import progress_bar, render_summary
+
+    if resume and overwrite:
+        _fail(ConfigError("--resume and --overwrite contradict each other; pick one"))
+    if backend not in ("local", "ray"):
+        _fail(ConfigError(f"--backend {backend!r} is unknown; use local or ray"))
+    opts = ScoreOptions(
+        domain=domain,
+        input=input_path,
+        model=model,
+        out=out,
+        mode="resume" if resume else "overwrite" if overwrite else "new",
+        backend=backend,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        num_workers=num_workers,
+        explain=explain,
+        device=device,
+        ray=RayOptions(actors=ray_actors, gpus_per_actor=ray_gpus, address=ray_address),
+        track=track,
+        tracking_uri=tracking_uri,
+    )
+    try:
+        with progress_bar(err) as (on_start, on_progress):
+            summary = score(opts, on_start=on_start, on_progress=on_progress)
+    except LoupeError as exc:
+        _fail(exc)
+    render_summary(summary, console)
+    raise typer.Exit(summary.exit_code)
 
 
 @app.command("demo")

@@ -1,0 +1,19 @@
+"""Batch scoring: a folder or manifest → a Parquet predictions table, resumable, locally or on Ray Data."""
+
+from loupe.workflows.scoring.api import ScoreOptions, ScoreSummary, score
+from loupe.workflows.scoring.backends import RayOptions
+from loupe.workflows.scoring.model import Provenance, ResolvedModel, list_registered, resolve_model
+from loupe.workflows.scoring.table import VOLATILE_COLUMNS, table_schema
+
+__all__ = [
+    "VOLATILE_COLUMNS",
+    "Provenance",
+    "RayOptions",
+    "ResolvedModel",
+    "ScoreOptions",
+    "ScoreSummary",
+    "list_registered",
+    "resolve_model",
+    "score",
+    "table_schema",
+]

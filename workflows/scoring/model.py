@@ -1,0 +1,178 @@
+"""Resolve ``--model`` to weights, spec and provenance, whatever form it takes.
+
+Accepted, in this order: ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/ID/model`` (through the
+tracker's model registry), ``local-dir:/folder`` or ``file:/folder|file:/folder/weights.safetensors`` (a Loupe model
+folder written by ``save_model``), or a registered weight tag (``loupe weights list``). A registered architecture
+without weights is refused: scoring random weights would produce a table that looks real and means nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loupe.core.errors import ConfigError, TrackingError
+from loupe.core.models import Classifier, WeightSpec, build_model, load_model_dir, save_model
+from loupe.core.models.weights import SPEC_FILE, file_sha256, find_weights_file, resolve_source
+from loupe.core.registry import MODELS, WEIGHTS
+from loupe.core.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What every row records about the model that scored it."""
+
+    domain: str
+    model_name: str
+    model_version: str
+    model_source: str
+    weights_sha256: str
+    preprocessing_hash: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class ResolvedModel:
+    """A model ready to score, its spec, a Loupe model folder holding it (for Ray actors) and its provenance."""
+
+    model: Classifier
+    spec: WeightSpec
+    model_dir: Path
+    provenance: Provenance
+    _tmp: Any = None  # keeps a temporary folder alive as long as the resolved model
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def resolve_model(ref: str, domain: str, tracker: Tracker | None = None) -> ResolvedModel:
+    """Load the model ``ref`` names and record where it came from; errors say which form to use."""
+    if ref.startswith(("models:/", "runs:/")):
+        return _from_registry(ref, domain, tracker)
+    if ref.startswith(("local-dir:", "file:")):
+        folder = _model_folder(ref)
+        model, spec = load_model_dir(folder)
+        return _resolved(model, spec, folder, domain, ref, spec.name, spec.version)
+    if ref in WEIGHTS:
+        return _from_tag(ref, domain)
+    if ref in MODELS:
+        raise ConfigError(
+            f"model {ref!r} is a registered architecture without trained weights; score a trained model: "
+            f"models:/NAME@champion, local-dir:/path/to/model_folder, or a weight tag from `loupe weights list`"
+        )
+    if Path(ref).expanduser().exists():
+        raise ConfigError(f"--model {ref!r} is a path; write local-dir:{ref} for a Loupe model folder")
+    raise ConfigError(
+        f"--model {ref!r} is not a weight tag, a model URI or a model folder; use models:/NAME@ALIAS, "
+        f"runs:/RUN_ID/model, local-dir:/path/to/model_folder or a tag from `loupe weights list`"
+    )
+
+
+def _model_folder(ref: str) -> Path:
+    p = Path(ref.partition(":")[2]).expanduser()
+    folder = p.parent if p.is_file() else p
+    if not (folder / SPEC_FILE).is_file():
+        raise ConfigError(
+            f"--model {ref!r}: {folder} is not a Loupe model folder (no {SPEC_FILE}); save one with "
+            f"loupe.core.models.save_model, or score a registered model with models:/NAME@ALIAS"
+        )
+    return folder.resolve()
+
+
+def _resolved(
+    model: Classifier,
+    spec: WeightSpec,
+    folder: Path,
+    domain: str,
+    source: str,
+    name: str,
+    version: str,
+    tmp: Any = None,
+) -> ResolvedModel:
+    if spec.task == "embedding" or not spec.label_names:
+        raise ConfigError(f"model {name!r} has no labels (task {spec.task!r}); batch scoring needs a classifier")
+    if spec.domain not in ("core", domain):
+        raise ConfigError(
+            f"model {name!r} belongs to domain {spec.domain!r}, not {domain!r}; run `loupe score {spec.domain} ...`"
+        )
+    prov = Provenance(
+        domain=domain,
+        model_name=name,
+        model_version=str(version),
+        model_source=source,
+        weights_sha256=file_sha256(find_weights_file(folder)),
+        preprocessing_hash=spec.preprocessing_hash(),
+    )
+    model.eval()
+    return ResolvedModel(model, spec, folder, prov, tmp)
+
+
+def _from_registry(ref: str, domain: str, tracker: Tracker | None) -> ResolvedModel:
+    if tracker is None or not hasattr(tracker, "client"):
+        raise ConfigError(f"--model {ref!r} needs the MLflow model registry; drop --no-track and set --tracking-uri")
+    tmp = tempfile.TemporaryDirectory(prefix="loupe-score-model-")
+    local = tracker.resolve_model_uri(ref, tmp.name)
+    model, spec = load_model_dir(local)
+    name, version = registry_version(tracker, ref)
+    return _resolved(model, spec, Path(local), domain, ref, name or spec.name, version or spec.version, tmp)
+
+
+def _from_tag(tag: str, domain: str) -> ResolvedModel:
+    spec = WEIGHTS.get(tag)
+    if not isinstance(spec, WeightSpec):
+        raise ConfigError(f"weight tag {tag!r} is registered without a WeightSpec; it cannot be scored")
+    model, _ = build_model(spec)
+    weights = find_weights_file(resolve_source(spec.source)) if spec.source else None
+    if weights is None:
+        raise ConfigError(f"weight tag {tag!r} has no source; it names an architecture without weights")
+    tmp = tempfile.TemporaryDirectory(prefix="loupe-score-model-")
+    folder = save_model(model, spec, tmp.name)  # the same weights as a Loupe folder, for Ray actors
+    res = _resolved(model, spec, folder, domain, f"tag:{tag}", spec.name, spec.version, tmp)
+    res.provenance = Provenance(**{**res.provenance.to_dict(), "weights_sha256": file_sha256(weights)})
+    return res
+
+
+def registry_version(tracker: Tracker, ref: str) -> tuple[str | None, str | None]:
+    """(registered name, version) behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; run id for runs:/."""
+    if ref.startswith("runs:/"):
+        return None, "run:" + ref.removeprefix("runs:/").partition("/")[0]
+    name, sep, alias = ref.removeprefix("models:/").partition("@")
+    if not sep:
+        name, _, version = name.partition("/")
+        return name, version
+    client = tracker.client  # type: ignore[attr-defined]
+    try:
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    except Exception as exc:  # noqa: BLE001 - the store's own error type stays inside core.tracking
+        raise TrackingError(f"could not read the version behind {ref!r}: {exc}") from None
+
+
+def list_registered(tracker: Tracker) -> list[dict[str, Any]]:
+    """Every registered model version with its aliases and run, newest first within a name."""
+    if not hasattr(tracker, "client"):
+        raise ConfigError("the model registry needs an MLflow store; drop --no-track and set --tracking-uri")
+    client = tracker.client  # type: ignore[attr-defined]
+    out = []
+    for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda m: -int(m.version)):
+            out.append(
+                {
+                    "name": rm.name,
+                    "version": str(mv.version),
+                    "aliases": sorted(aliases.get(str(mv.version), [])),
+                    "run_id": mv.run_id,
+                }
+            )
+    return out
