@@ -50,5 +50,9 @@ class UnsupportedInputError(LoupeError, ValueError):
     """An input file cannot be read: wrong format, missing codec, truncated, or absurd content."""
 
 
+class MetricInputError(LoupeError, ValueError):
+    """Arrays passed to a metric have the wrong shape, length or values."""
+
+
 class TrackingError(LoupeError):
     """The experiment tracker could not be reached or refused a write."""

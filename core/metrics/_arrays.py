@@ -6,11 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from loupe.core.errors import LoupeError
+from loupe.core.errors import MetricInputError
 
-
-class MetricInputError(LoupeError, ValueError):
-    """Arrays passed to a metric have the wrong shape, length or values."""
+__all__ = ["MetricInputError"]
 
 
 def to_numpy(x: Any, name: str) -> np.ndarray:
