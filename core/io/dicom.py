@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from loupe.core.errors import LoupeError
@@ -101,7 +102,7 @@ def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> 
     )
     inferred = "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
     tsyntax = _check_decoder(path, ds)
-    _check_native_length(path, ds, tsyntax, (frames, rows, cols, spp))
+    _check_native_length(path, ds, tsyntax)
     _check_codestream(path, ds, tsyntax, frames)
     try:
         arr = ds.pixel_array
@@ -226,11 +227,10 @@ def _infer_tsyntax(ds: Dataset) -> UID | None:
     return uid
 
 
-def _check_native_length(path: Path, ds: Dataset, tsyntax: Any, dims: tuple[int, ...]) -> None:
+def _check_native_length(path: Path, ds: Dataset, tsyntax: UID) -> None:
     if tsyntax.is_encapsulated:
         return
-    bits = int(ds.BitsAllocated)
-    expected = (int(np.prod(dims)) * bits + 7) // 8
+    expected = get_expected_length(ds, unit="bytes")  # knows YBR_FULL_422 subsampling and 1-bit packing
     actual = len(ds.PixelData or b"")
     if actual < expected:
         raise input_error(
