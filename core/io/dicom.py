@@ -307,8 +307,20 @@ def _base_meta(path: Path, ds: Dataset, tsyntax: Any, frames: int) -> dict[str, 
     meta["compressed"] = bool(tsyntax.is_encapsulated)
     for key, keyword in _META_TAGS.items():
         meta[key] = _text(ds, keyword)
+    meta["patient_age_years"] = age_years(meta.get("patient_age"))
+    if meta["patient_age_years"] is not None and meta["patient_age_years"] >= 90:
+        meta["patient_age"] = "090Y+"  # HIPAA safe harbour: ages over 89 are identifying, aggregate them
     meta["pixel_spacing"], meta["pixel_spacing_source"] = _pixel_spacing(ds)
     return meta
+
+
+def age_years(value: str | None) -> float | None:
+    """DICOM AS (``"045Y"``, ``"006M"``, ``"003W"``, ``"010D"``) in years, capped at 90; None when absent/bad."""
+    if not value or len(value) < 2 or not value[:-1].strip().isdigit():
+        return None
+    n, unit = int(value[:-1]), value[-1].upper()
+    per_year = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}.get(unit)
+    return None if per_year is None else min(n / per_year, 90.0)
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:

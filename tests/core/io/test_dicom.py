@@ -236,3 +236,20 @@ def test_read_any_sniffs_content_not_extension(tmp_path: Path) -> None:
     disguised.write_bytes(_find("CT_small.dcm").read_bytes())
     img = read_any(disguised)
     assert img.meta["source_format"] == "dicom" and img.meta["rescale"]["type"] == "HU"
+
+
+@pytest.mark.parametrize(
+    ("value", "years"), [("045Y", 45.0), ("006M", 0.5), ("010D", 10 / 365.25), ("095Y", 90.0), ("", None), ("12", None)]
+)
+def test_age_in_years_is_capped_at_90(value: str, years: float | None) -> None:
+    from loupe.core.io.dicom import age_years
+
+    assert age_years(value) == pytest.approx(years) if years is not None else age_years(value) is None
+
+
+def test_ages_over_89_are_aggregated(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(_find("RG1_UNCI.dcm"))
+    ds.PatientAge = "093Y"
+    ds.save_as(tmp_path / "old.dcm")
+    meta = read_dicom(tmp_path / "old.dcm").meta
+    assert meta["patient_age"] == "090Y+" and meta["patient_age_years"] == 90.0
