@@ -51,6 +51,18 @@ class Backbone(nn.Module):
         """The transformer blocks, first to last (used by layer-wise LR decay and attention hooks)."""
         raise NotImplementedError
 
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Patch embeddings with position embeddings, prefix tokens first, before the blocks.
+
+        Returns ``(tokens, num_prefix)``: tokens ``# [B, num_prefix + gh*gw, D_tok]``. Used by MAE, which drops
+        masked patch tokens here and runs `encode` on the visible ones only.
+        """
+        raise NotImplementedError
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the blocks and the final norm over ``tokens`` from `embed_patches` (any subset)  # [B, n, D_tok]."""
+        raise NotImplementedError
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ConfigError(
@@ -124,6 +136,14 @@ class TimmViTBackbone(Backbone):
         """Patch embeddings with position embeddings and prefix tokens, before the blocks  # [B, N, D]."""
         x = self.model.patch_embed(x)
         return self.model._pos_embed(x)
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.check_input(x)
+        return self.patch_tokens(x), self.num_prefix_tokens  # [B, P + N, D]
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.norm(m.blocks(m.norm_pre(tokens)))  # [B, n, D]
 
 
 # ------------------------------------------------------------------------------------------------------- open_clip
@@ -226,6 +246,25 @@ class OpenClipVisualBackbone(Backbone):
         if v.attn_pool is None and not v.final_ln_after_pool:
             x = v.ln_post(x)
         return x
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.check_input(x)
+        v = self.visual
+        if self._kind == "timm":
+            return v.trunk._pos_embed(v.trunk.patch_embed(x)), self.num_prefix_tokens
+        x = v.conv1(x)  # [B, W, gh, gw]
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, W]
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw).to(x.dtype), 1  # [B, 1 + N, W]
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        if self._kind == "timm":
+            t = v.trunk
+            return t.norm(t.blocks(t.norm_pre(tokens)))
+        x = v.transformer(v.ln_pre(tokens))  # [B, n, W]
+        return v.ln_post(x) if v.attn_pool is None and not v.final_ln_after_pool else x
 
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
         from timm.layers import resample_abs_pos_embed

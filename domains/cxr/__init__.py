@@ -42,3 +42,6 @@ LABEL_SETS.register("cxr.chexpert", CHEXPERT_LABELS, domain="cxr")
 LABEL_SETS.register("cxr.pneumonia", ("Pneumonia",), domain="cxr")
 
 register_domain(DomainInfo(name="cxr", description="Chest X-ray multi-label thorax disease classification"))
+
+# models, preset and recipes register themselves on import
+from loupe.domains.cxr import evaluate, finetune, models, pretrain  # noqa: E402, F401
