@@ -39,7 +39,10 @@ class DomainInfo:
     load_input: InputLoader = standard_loader
     # demo_inputs(out_dir) -> folder of sample inputs the product can reach offline (from installed packages)
     demo_inputs: Callable[[Path], Path] | None = None
-    # demo_model(work_dir, tracker) -> a Loupe model folder (weights.safetensors + weight_spec.json)
+    # demo_model(work_dir, run=None, fast=False) -> a Loupe model folder (weights.safetensors + weight_spec.json):
+    # cached pretrained weights when there are any, else a small model trained on data the demo can reach; its spec
+    # description says it is a demo model. ``run`` (a tracking Run, may be None) receives its metrics/params;
+    # ``fast`` asks for a few training steps only (smoke tests).
     demo_model: Callable[..., Path] | None = None
     default_model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)

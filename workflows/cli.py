@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loupe.core.errors import ConfigError, LoupeError, UnknownNameError, WeightsNotFoundError
+from loupe.core.errors import ConfigError, LoupeError, WeightsNotFoundError
 from loupe.core.registry import DOMAINS, LABEL_SETS, MODELS, PRESETS, RECIPES, WEIGHTS, discover_domains
 
 app = typer.Typer(
@@ -237,25 +237,22 @@ def score_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("loupe-demo"), help="Folder for the demo's inputs and predictions."),
+    out: Path = typer.Option(Path("loupe-demo"), help="Folder for the demo's inputs, model and predictions."),
     domain: list[str] = typer.Option(None, help="Only these domains (default: every registered domain)."),
+    fast: bool = typer.Option(False, "--fast", help="Train any demo model for a few steps only (smoke test)."),
     tracking_uri: str | None = TrackingUri,
 ) -> None:
     """The main job on embedded defaults: sample inputs, a small model, scoring, runs in the local MLflow store."""
+    from loupe.workflows.demo import run_demo
+
     names = discover_domains()
     console.print(f"[bold]Registered domains:[/] {', '.join(names) or '(none)'}")
-    console.print(f"[bold]Registered models:[/] {', '.join(MODELS.names())}")
-    code = 0
-    for d in domain or names:
-        try:
-            demo = DOMAINS.get(d).demo
-        except UnknownNameError as exc:
-            _fail(exc)
-        if demo is None:
-            console.print(f"domain {d}: no demo registered yet")
-            continue
-        code = max(code, int(demo(out_dir=out / d, tracking_uri=tracking_uri, console=console) or 0))
-    raise typer.Exit(0 if code in (0, 1) else code)
+    try:
+        results = run_demo(out, console, domains=domain or None, tracking_uri=tracking_uri, fast=fast)
+    except LoupeError as exc:
+        _fail(exc)
+    if not any(r.summary is not None for r in results):
+        _fail(ConfigError("no registered domain brings a demo (DomainInfo.demo_inputs / demo_model)"))
 
 
 @weights_app.command("list")

@@ -98,8 +98,7 @@ def demo_model(work_dir: Path, run: Any = None, fast: bool = False, use_shared: 
         spec, train, val = _chest_film_data(fast)
     model, _ = build_model(spec)
     t0 = time.perf_counter()
-    steps = 40 if fast else 400
-    _fit(model, train, steps, run)
+    steps = _fit(model, train, 30 if fast else 240, run, budget_s=30 if fast else 120)
     spec = _with_threshold(model, spec, val, run)
     if run is not None:
         run.log_metrics({"train_seconds": time.perf_counter() - t0})
@@ -231,23 +230,41 @@ def _crop(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return c[:, ::-1].copy() if rng.random() < 0.5 else c.copy()
 
 
-def _fit(model: torch.nn.Module, train: Split, steps: int, run: Any) -> None:
-    """A fixed-budget loop: AdamW, BCE on the single logit, batches drawn with replacement."""
+def _fit(model: torch.nn.Module, train: Split, steps: int, run: Any, budget_s: float) -> int:
+    """A fixed-budget loop: AdamW, BCE on the single logit, batches drawn with replacement.
+
+    Stops early after ``budget_s`` seconds (a slow or busy machine still finishes the demo); returns the steps run.
+    """
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    # matrices this small gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x
+    torch.set_num_threads(1)
+    try:
+        return _loop(model, train, steps, run, budget_s, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _loop(model: torch.nn.Module, train: Split, steps: int, run: Any, budget_s: float, t0: float) -> int:
     x, y = train
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
+        idx = torch.randint(0, len(x), (96,), generator=g)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx])[:, 0], y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if run is not None and (step % 20 == 0 or step == steps - 1):
-            run.log_metrics({"train_loss": float(loss)}, step=step)
+            run.log_metrics({"train_loss": float(loss.detach())}, step=step)
+        if time.perf_counter() - t0 > budget_s:
+            log.warning("demo training stopped after %d steps: its %.0f s budget is spent", step + 1, budget_s)
+            break
     model.eval()
+    return step + 1
 
 
 def _with_threshold(model: torch.nn.Module, spec: WeightSpec, val: Split, run: Any) -> WeightSpec:

@@ -37,15 +37,13 @@ class ViTGradCAM:
     """Callable: (images ``[B, C, H, W]``, scores ``[B, K]``, items) → PNG path per image (or None on failure)."""
 
     def __init__(self, model: Classifier, spec: WeightSpec, out_dir: str | Path, device: str | torch.device = "cpu"):
-        from pytorch_grad_cam import GradCAM
-
         self.model, self.spec = model, spec
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         self.prefix = int(model.backbone.num_prefix_tokens)
         self.patch = int(model.backbone.patch_size)
         self._grid: tuple[int, int] = (1, 1)
-        self.cam = GradCAM(model=model, target_layers=[target_layer(model)], reshape_transform=self._reshape)
+        self.layer = target_layer(model)
 
     def _reshape(self, tokens: torch.Tensor) -> torch.Tensor:
         gh, gw = self._grid
@@ -53,14 +51,16 @@ class ViTGradCAM:
         return x.reshape(x.shape[0], gh, gw, x.shape[-1]).permute(0, 3, 1, 2)  # [B, D, gh, gw]
 
     def __call__(self, images: torch.Tensor, scores: torch.Tensor, items: list[Any]) -> list[str | None]:
+        from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         top = scores.argmax(-1).tolist()
         try:
-            with torch.enable_grad():
-                maps = self.cam(input_tensor=images.to(self.device), targets=[ClassifierOutputTarget(k) for k in top])
+            # hooks live only inside this block, so plain scoring forwards stay hook-free
+            with torch.enable_grad(), GradCAM(self.model, [self.layer], reshape_transform=self._reshape) as cam:
+                maps = cam(input_tensor=images.to(self.device), targets=[ClassifierOutputTarget(k) for k in top])
         except Exception as exc:  # noqa: BLE001 - an explanation failure must not lose the scores
             log.warning("Grad-CAM failed for a batch of %d: %s", len(items), exc)
             return [None] * len(items)
