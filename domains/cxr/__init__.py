@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loupe.core.domain import DomainInfo, register_domain
 from loupe.core.registry import LABEL_SETS
+from loupe.domains.cxr import demo
 
 NIH14_LABELS = (
     "Atelectasis",
@@ -41,7 +42,14 @@ LABEL_SETS.register("cxr.nih14", NIH14_LABELS, domain="cxr")
 LABEL_SETS.register("cxr.chexpert", CHEXPERT_LABELS, domain="cxr")
 LABEL_SETS.register("cxr.pneumonia", ("Pneumonia",), domain="cxr")
 
-register_domain(DomainInfo(name="cxr", description="Chest X-ray multi-label thorax disease classification"))
+register_domain(
+    DomainInfo(
+        name="cxr",
+        description="Chest X-ray multi-label thorax disease classification",
+        demo_inputs=demo.demo_inputs,
+        demo_model=demo.demo_model,
+    )
+)
 
 # models, preset and recipes register themselves on import
 from loupe.domains.cxr import evaluate, finetune, models, pretrain  # noqa: E402, F401
