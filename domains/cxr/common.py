@@ -20,13 +20,7 @@ from loupe.core.errors import ConfigError
 from loupe.core.models.spec import WeightSpec
 from loupe.core.registry import LABEL_SETS, MODELS
 from loupe.core.tracking import NullRun, Tracker
-from loupe.domains.cxr.data import (
-    BatchAugment,
-    DataConfig,
-    TensorImageDataset,
-    augmenting_collate,
-    load_pneumoniamnist,
-)
+from loupe.domains.cxr.data import DataConfig, TensorImageDataset, load_pneumoniamnist
 from loupe.domains.cxr.models import CXR_MEAN, CXR_STD, cxr_spec
 
 log = logging.getLogger(__name__)
@@ -126,9 +120,8 @@ def build_split(data: DataConfig, spec: WeightSpec, split: str) -> Dataset:
     return manifest_split(data, spec, split)
 
 
-def make_loader(
-    ds: Dataset, data: DataConfig, info: DistInfo, *, train: bool, seed: int, augment: BatchAugment | None = None
-) -> DataLoader:
+def make_loader(ds: Dataset, data: DataConfig, info: DistInfo, *, train: bool, seed: int) -> DataLoader:
+    """Batches in an order fixed by ``seed`` and the epoch; the loader's own generator leaves torch's RNG alone."""
     sampler = sampler_for(ds, info, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(
         ds,
@@ -136,7 +129,7 @@ def make_loader(
         sampler=sampler,
         drop_last=train and len(ds) >= data.batch_size * info.world_size,
         num_workers=data.num_workers,
-        collate_fn=augmenting_collate(augment),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

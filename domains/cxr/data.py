@@ -2,7 +2,7 @@
 
 Both yield the one sample contract ``{"image": [C, H, W] float, "label": [K] 1/0/NaN, "meta": {...}}``. Pixels go
 through `loupe.core.transforms.ModelInput` built from the model's weight spec; training augmentation runs on whole
-batches (`BatchAugment` in the DataLoader's collate).
+batches (`BatchAugment`, applied in the training step).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class BatchAugment:
 
     RandAug-like and light, for grey films: random-resized crop (area ``crop_scale``, aspect 3/4..4/3 squeezed to
     ``ratio``), rotation up to ``degrees``, shift up to ``translate`` (fraction of the side), and brightness /
-    contrast factors in ``1 ± brightness`` / ``1 ± contrast``. Runs on tensors with torch's RNG, so it is fast on
-    CPU (one ``grid_sample`` per batch) and reproducible under `loupe.core.training` resume.
+    contrast factors in ``1 ± brightness`` / ``1 ± contrast``. Runs inside the training step, on the device, with
+    torch's RNG: fast (one ``grid_sample`` per batch) and reproducible under `loupe.core.training` resume.
     """
 
     mean: tuple[float, ...]
@@ -146,16 +146,3 @@ class BatchAugment:
         return torch.stack(
             [torch.stack([sw * cos, -sh * sin, tx], 1), torch.stack([sw * sin, sh * cos, ty], 1)], 1
         )  # [B, 2, 3]
-
-
-def augmenting_collate(augment: BatchAugment | None):
-    """A DataLoader ``collate_fn``: the default collate, then ``augment`` on the image batch."""
-    from torch.utils.data import default_collate
-
-    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = default_collate(items)
-        if augment is not None:
-            batch["image"] = augment(batch["image"])
-        return batch
-
-    return collate

@@ -129,8 +129,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from loupe.domains.cxr.finetune import main as run_main
 
     return run_main(list(sys.argv[1:] if argv is None else argv), mode="evaluate")
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

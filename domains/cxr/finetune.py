@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,8 +140,8 @@ class FinetuneRecipe(Recipe):
     def _setup_data(self) -> None:
         cfg, seed = self.cfg, self.cfg.run.seed
         self.train_ds = build_split(cfg.data, self.spec, "train")
-        aug = BatchAugment.randaug(self.spec, cfg.train.randaug_magnitude, cfg.train.crop_scale)
-        self.train_dl = make_loader(self.train_ds, cfg.data, self.info, train=True, seed=seed, augment=aug)
+        self.augment = BatchAugment.randaug(self.spec, cfg.train.randaug_magnitude, cfg.train.crop_scale)
+        self.train_dl = make_loader(self.train_ds, cfg.data, self.info, train=True, seed=seed)
         val_ds = build_split(cfg.data, self.spec, "val")
         self.val_dl = make_loader(val_ds, cfg.data, dist.DistInfo(), train=False, seed=0)
         if len(self.train_dl) == 0:
@@ -156,10 +157,11 @@ class FinetuneRecipe(Recipe):
         warm = min(steps, int(round(cfg.optim.warmup_epochs * len(self.train_dl))))
         schedule = WarmupCosine(cfg.optim.lr, steps, warm, cfg.optim.min_lr)
         pos_weight = balanced_pos_weight(self._train_labels()).to(self.device) if cfg.train.class_balanced else None
-        smoothing, device = cfg.train.label_smoothing, self.device
+        smoothing, device, augment = cfg.train.label_smoothing, self.device, self.augment
 
         def loss_fn(model, batch):
-            return masked_bce(model(batch["image"].to(device)), batch["label"].to(device), pos_weight, smoothing)
+            x = augment(batch["image"].to(device))
+            return masked_bce(model(x), batch["label"].to(device), pos_weight, smoothing)
 
         t = cfg.train
         loop = LoopConfig(t.epochs, t.grad_clip, t.amp, t.ema_decay, t.checkpoint_every, progress=t.progress)
@@ -276,7 +278,7 @@ class LinearProbeRecipe(FinetuneRecipe):
 
 
 def main(argv: list[str] | None = None, mode: str = "train") -> dict[str, Any]:
-    """``python -m loupe.domains.cxr.finetune CFG.yaml [k=v ...]``: any CXR recipe YAML, in-process.
+    """Run any CXR recipe YAML in-process (``python -m loupe.domains.cxr.run CFG.yaml [k=v ...]``).
 
     What tests and ``torchrun`` call; ``mode`` is ``train`` or ``evaluate``.
     """
@@ -285,11 +287,7 @@ def main(argv: list[str] | None = None, mode: str = "train") -> dict[str, Any]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        raise ConfigError("usage: python -m loupe.domains.cxr.finetune CONFIG.yaml [key=value ...]")
+        raise ConfigError("usage: python -m loupe.domains.cxr.run CONFIG.yaml [key=value ...]")
     cls, cfg = load_recipe(argv[0], argv[1:])
-    return cls(cfg, make_tracker(cfg.run.tracking_uri, enabled=cfg.run.track)).run(mode)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 opens the tracking store
+    return cls(cfg, make_tracker(cfg.run.tracking_uri, enabled=cfg.run.track and rank0)).run(mode)

@@ -127,14 +127,14 @@ class MAEPretrainRecipe(Recipe):
         self.mae = cfg.model.build().to(self.device)
         ddp = dist.wrap_ddp(self.mae, self.info, self.device)
         ds = build_split(cfg.data, self.spec, "train")
-        aug = BatchAugment.mae(self.spec, cfg.train.crop_scale)
-        self.loader = make_loader(ds, cfg.data, self.info, train=True, seed=cfg.run.seed, augment=aug)
+        self.augment = BatchAugment.mae(self.spec, cfg.train.crop_scale)
+        self.loader = make_loader(ds, cfg.data, self.info, train=True, seed=cfg.run.seed)
         if len(self.loader) == 0:
             raise ConfigError(f"no full training batch: {len(ds)} samples, batch_size {cfg.data.batch_size}")
         self._setup_trainer(ddp)
 
     def _setup_trainer(self, ddp) -> None:
-        cfg, device = self.cfg, self.device
+        cfg, device, augment = self.cfg, self.device, self.augment
         opt = adamw(param_groups(self.mae, self.mae.backbone, weight_decay=cfg.optim.weight_decay), lr=cfg.optim.lr,
                     betas=(0.9, cfg.optim.beta2))  # fmt: skip
         steps = cfg.train.epochs * len(self.loader)
@@ -143,7 +143,7 @@ class MAEPretrainRecipe(Recipe):
         self.trainer = Trainer(
             ddp,
             opt,
-            lambda model, batch: model(batch["image"].to(device))[0],
+            lambda model, batch: model(augment(batch["image"].to(device)))[0],
             schedule=WarmupCosine(cfg.optim.lr, steps, warm, cfg.optim.min_lr),
             cfg=LoopConfig(t.epochs, t.grad_clip, t.amp, 0.0, t.checkpoint_every, progress=t.progress),
             device=device,
@@ -225,8 +225,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from loupe.domains.cxr.finetune import main as run_main
 
     return run_main(list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

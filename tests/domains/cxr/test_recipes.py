@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import loupe.domains.cxr  # noqa: F401 - registers models and recipes
+from loupe.core.errors import ConfigError
+from loupe.core.models import WeightSpec, build_model, save_model
+from loupe.core.recipes import load_recipe
+from loupe.core.tracking import MlflowTracker, NullTracker
+from loupe.domains.cxr.finetune import balanced_pos_weight, masked_bce
+from loupe.domains.cxr.models import cxr_spec
+
+CONFIGS = Path(loupe.domains.cxr.__file__).parent / "configs"
+SMALL = ["model.img_size=16", "data.batch_size=16", "train.threads=1", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def toy_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PneumoniaMNIST-shaped file whose positives carry a bright blob: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in (("train", 96), ("val", 48), ("test", 48)):
+        y = (np.arange(n) % 2).astype(np.uint8)
+        x = rng.integers(0, 80, size=(n, 28, 28)).astype(np.uint8)
+        x[y == 1, 8:20, 8:20] += 150
+        out[f"{split}_images"], out[f"{split}_labels"] = x, y[:, None]
+    path = tmp_path_factory.mktemp("pmnist") / "toy.npz"
+    np.savez(path, **out)
+    return path
+
+
+def test_masked_bce_ignores_unknown_labels() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 4.0, -2.0]])
+    labels = torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, float("nan")]])
+    known = ~torch.isnan(labels)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])
+    torch.testing.assert_close(masked_bce(logits, labels), expected)
+    changed = logits.clone()
+    changed[~known] = 100.0  # unknown cells may hold anything
+    torch.testing.assert_close(masked_bce(changed, labels), expected)
+
+
+def test_class_balanced_weights() -> None:
+    y = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1]], dtype=float)
+    torch.testing.assert_close(balanced_pos_weight(y), torch.tensor([3.0, 2.0]))
+
+
+def test_mae_pretrain_then_finetune_stores_thresholds_in_the_spec(tmp_path: Path, toy_npz: Path) -> None:
+    data = [f"data.path={toy_npz}", *SMALL]
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_mae.yaml",
+                           [*data, f"run.output_dir={tmp_path / 'mae'}", "train.epochs=2", "train.checkpoint_every=3",
+                            "model.decoder_depth=1"])  # fmt: skip
+    mae = cls(cfg, NullTracker()).run("train")
+    assert Path(mae["mae_checkpoint"]).is_file() and (tmp_path / "mae" / "checkpoints" / "last").is_dir()
+
+    tracker = NullTracker()
+    overrides = [*data, f"run.output_dir={tmp_path / 'ft'}", "train.epochs=3", "optim.lr=0.003", "eval.n_boot=50"]
+    cls, cfg = load_recipe(
+        CONFIGS / "pneumoniamnist_finetune.yaml", [*overrides, f"model.init=file:{mae['mae_checkpoint']}"]
+    )
+    out = cls(cfg, tracker).run("train")
+    assert "dropped" in out["weights_load"] and out["best_epoch"] is not None
+    spec = WeightSpec.load(tmp_path / "ft" / "model" / "weight_spec.json")
+    assert set(spec.thresholds) == {"Pneumonia"} and spec.thresholds == out["thresholds"]
+    assert spec.label_names == ("Pneumonia",) and spec.input_size == (1, 16, 16) and spec.domain == "cxr"
+    run = tracker.runs[0]
+    assert run.params["model.init"].startswith("file:") and run.params["optim.layer_decay"] == 0.75
+    assert [s for s, _ in run.metrics["val_macro_auroc"]] == [0, 1, 2]
+    assert {"evaluation/test_per_finding.csv", "evaluation/test_subgroups.csv", "model/signature.json"} <= set(
+        run.artifacts
+    )
+    assert out["test_macro_auroc"] > 0.9  # the blob is easy: the pipeline really learns
+
+
+def test_linear_probe_trains_the_head_only(tmp_path: Path, toy_npz: Path) -> None:
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_linear_probe.yaml",
+                           [f"data.path={toy_npz}", *SMALL, f"run.output_dir={tmp_path}", "train.epochs=1",
+                            "model.init="])  # fmt: skip
+    recipe = cls(cfg, NullTracker())
+    recipe.setup()
+    before = {k: v.clone() for k, v in recipe.model.backbone.state_dict().items()}
+    recipe.train()
+    for k, v in recipe.model.backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.name=cxr_vit_huge"], r"model 'cxr_vit_huge' is not registered"),
+        (["optim.layer_decay=0"], r"optim.layer_decay must be in \(0, 1\] \(1 = off\), got 0.0"),
+        (["train.amp=fp8"], r"train.amp: expected auto, bf16, fp16 or off, got 'fp8'"),
+        (["data.source=dicomdir"], r"data.source: expected pneumoniamnist or manifest, got 'dicomdir'"),
+    ],
+)
+def test_bad_finetune_configs_say_what_to_fix(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", overrides)
+
+
+def test_mae_config_names_the_mae_models() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'cxr_vit_small_patch16' is not a registered MAE model; use one of: cxr_mae"
+    ):
+        load_recipe(CONFIGS / "pneumoniamnist_mae.yaml", ["model.name=cxr_vit_small_patch16"])
+
+
+def test_missing_data_file_names_the_fix(tmp_path: Path) -> None:
+    overrides = [f"data.path={tmp_path / 'nope.npz'}", "model.init=", f"run.output_dir={tmp_path}"]
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", overrides)
+    with pytest.raises(ConfigError, match=r"does not exist; point it at pneumoniamnist.npz"):
+        cls(cfg, NullTracker()).run("train")
+
+
+@pytest.mark.realdata
+def test_evaluate_recipe_on_the_real_nih_films(tmp_path: Path, shared_data: Path) -> None:
+    labels = loupe.domains.cxr.NIH14_LABELS
+    spec = cxr_spec("nih-random", "cxr_vit_micro_patch4", labels, img_size=32)
+    model, _ = build_model(spec)
+    save_model(model, spec.replace(thresholds={"Effusion": 0.5}), tmp_path / "model")
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    overrides = [f"data.path={shared_data / 'cxr/nih14/labels.csv'}", f"model.source=local-dir:{tmp_path / 'model'}",
+                 "split=all", "eval.n_boot=100", f"run.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cls, cfg = load_recipe(CONFIGS / "nih14_evaluate.yaml", overrides)
+    tracker = MlflowTracker(uri)
+    out = cls(cfg, tracker).run("evaluate")
+    assert out["n_images"] == 621
+    table = pd.read_csv(out["per_finding_csv"])
+    assert list(table["label"]) == [*labels, "macro"]
+    assert (table["ci_low"] <= table["auroc"]).all() and (table["auroc"] <= table["ci_high"]).all()
+    assert table.loc[table["label"] == "Effusion", "threshold"].item() == 0.5
+    sub = pd.read_csv(out["subgroups_csv"])
+    assert {"age_band", "view"} <= set(sub["attribute"]) and {"AP", "PA"} <= set(sub["group"])
+    macro = sub[sub["label"] == "macro"]
+    np.testing.assert_allclose(macro["gap"], macro["auroc"] - macro["overall_auroc"])
+    logged = {a.path for a in tracker.client.list_artifacts(out["run_id"], "evaluation")}
+    assert {
+        "evaluation/all_per_finding.csv",
+        "evaluation/all_subgroups.csv",
+        "evaluation/all_reliability.png",
+    } <= logged
+    assert tracker.client.get_run(out["run_id"]).data.metrics["all_macro_auroc"] == pytest.approx(
+        table.loc[table["label"] == "macro", "auroc"].item()
+    )
