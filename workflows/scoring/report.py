@@ -45,9 +45,9 @@ def progress_bar(console: Console, label: str = "scoring") -> Iterator[Callbacks
 
     def on_progress(n: int, failed: int) -> None:
         task = state["task"]
-        progress.update(task, advance=n, failed=progress.tasks[task].fields["failed"] + failed)
-        speed = progress.tasks[task].speed or 0.0
-        progress.update(task, rate=speed)
+        t = progress.tasks[task]
+        progress.update(task, advance=n, failed=t.fields["failed"] + failed)
+        progress.update(task, rate=t.completed / t.elapsed if t.elapsed else 0.0)
 
     with progress:
         yield on_start, on_progress

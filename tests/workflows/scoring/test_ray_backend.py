@@ -1,0 +1,38 @@
+"""The Ray Data backend on a local Ray instance gives the same table as the local DataLoader backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from loupe.workflows.scoring import VOLATILE_COLUMNS, RayOptions, ScoreOptions, score
+
+
+@pytest.fixture
+def local_ray() -> object:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_and_local_backends_give_identical_tables(
+    inputs: tuple[Path, dict], model_dir: Path, tmp_path: Path, local_ray: object
+) -> None:
+    root, files = inputs
+    common = dict(domain="cxr", input=root, model=f"local-dir:{model_dir}", track=False, batch_size=4, explain=True)
+    local = score(ScoreOptions(out=tmp_path / "local.parquet", num_workers=0, **common))
+    on_ray = score(ScoreOptions(out=tmp_path / "ray.parquet", backend="ray", ray=RayOptions(actors=2), **common))
+    assert (local.rows_ok, local.rows_failed) == (on_ray.rows_ok, on_ray.rows_failed) == (len(files["good"]), 2)
+
+    a = pd.read_parquet(tmp_path / "local.parquet").sort_values("path").reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "ray.parquet").sort_values("path").reset_index(drop=True)
+    scores = [c for c in a.columns if c.startswith("score_")]
+    pd.testing.assert_frame_equal(a[scores], b[scores], check_exact=False, atol=1e-6, rtol=0)
+    paths_differ = {"explain_path"}  # overlays go beside each table
+    same = [c for c in a.columns if c not in (*scores, *VOLATILE_COLUMNS, *paths_differ)]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    assert b.explain_path.notna().sum() == len(files["good"])
+    assert [Path(p).name for p in a.explain_path.dropna()] == [Path(p).name for p in b.explain_path.dropna()]
