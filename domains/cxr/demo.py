@@ -41,6 +41,9 @@ DEMO_DICOM = (
     ("US1_J2KR.dcm", "ultrasound, RGB"),
 )
 CORRUPT_NAME = "corrupt_truncated_chest.dcm"
+#: Training images of the fallback model (uncompressed: quick to read): the chest CR vs other real images.
+TRAIN_CHEST = ("RG1_UNCR.dcm",)
+TRAIN_OTHER = ("RG3_UNCR.dcm", "CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "693_UNCR.dcm")
 DEMO_SIZE = (1, 32, 32)
 DEMO_ARCH = "vit_micro_patch8"
 
@@ -166,11 +169,8 @@ def _chest_film_data(fast: bool) -> tuple[WeightSpec, Split, Split]:
     """Crops of the installed chest CR (label 1) vs crops of other installed images (label 0)."""
     from loupe.core.io import read_any
 
-    pos, neg = [], []
-    for name, _ in DEMO_DICOM:
-        p = find_test_dicom(name)
-        if p is not None and name != "RG1_J2KI.dcm":
-            (pos if name.startswith("RG1") else neg).append(_grey(read_any(p).array))
+    pos = [_grey(read_any(p).array) for n in TRAIN_CHEST if (p := find_test_dicom(n))]
+    neg = [_grey(read_any(p).array) for n in TRAIN_OTHER if (p := find_test_dicom(n))]
     neg += _skimage_images()
     if not pos or not neg:
         raise RuntimeError("the demo needs pydicom-data installed (pip install pydicom-data) to build its model")
