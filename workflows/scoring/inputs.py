@@ -82,16 +82,15 @@ def walk_folder(root: Path, exclude: Sequence[Path] = ()) -> InputList:
 
 
 def read_manifest_paths(manifest: Path) -> InputList:
-    """The ``path`` column of a CSV/Parquet manifest; relative paths are taken from the manifest's folder."""
-    import pandas as pd
+    """The ``path`` column of a CSV/Parquet manifest (read by `loupe.core.data.read_manifest`); relative paths are
+    taken from the manifest's folder."""
+    from loupe.core.data.manifest import read_manifest
 
-    try:
-        if manifest.suffix.lower() == ".csv":
-            df = pd.read_csv(manifest, usecols=["path"], dtype={"path": str})
-        else:
-            df = pd.read_parquet(manifest, columns=["path"])
-    except ValueError as exc:
-        raise ConfigError(f"manifest {manifest} has no 'path' column ({exc}); add one with each file's path") from None
+    df = read_manifest(manifest)
+    if "path" not in df.columns:
+        raise ConfigError(
+            f"manifest {manifest} has no 'path' column (it has {list(df.columns)[:10]}); add one with each file's path"
+        )
     missing = df["path"].isna()
     if missing.any():
         rows = [int(i) + 2 for i in df.index[missing][:5]]
