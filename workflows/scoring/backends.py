@@ -41,7 +41,8 @@ class InputDataset(Dataset):
     """Paths → `Item`s; runs in DataLoader workers, so reading and preprocessing stay off the model's process."""
 
     def __init__(self, paths: list[str], domain: str, spec: WeightSpec, done: set[str]):
-        self.paths = np.asarray(paths, dtype=np.str_)  # one buffer: no per-string refcounts copied into workers
+        # one UTF-8 buffer: no per-string objects whose refcounts would copy pages into every worker
+        self.paths = np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=np.bytes_)
         self.loader = DOMAINS.get(domain).load_input
         self.spec = spec
         self.done = frozenset(done)
@@ -50,7 +51,8 @@ class InputDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Any:
-        return load_item(str(self.paths[i]), self.loader, self.spec, self.done)
+        path = self.paths[i].decode("utf-8", "surrogateescape")
+        return load_item(path, self.loader, self.spec, self.done)
 
 
 def _init_worker(_: int) -> None:
