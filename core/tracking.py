@@ -57,6 +57,8 @@ class Tracker(Protocol):
     def register_model(self, name: str, run_id: str, alias: str | None = None) -> str: ...
     def set_alias(self, name: str, version: str, alias: str) -> None: ...
     def resolve_model_uri(self, uri: str, dst: str | Path) -> Path: ...
+    def model_version(self, uri: str) -> tuple[str | None, str | None]: ...
+    def registered_models(self) -> list[dict[str, Any]]: ...
 
 
 # ----------------------------------------------------------------------------------------------------- null tracker
@@ -113,7 +115,13 @@ class NullTracker:
         return None
 
     def resolve_model_uri(self, uri: str, dst: str | Path) -> Path:
-        raise TrackingError(f"the null tracker has no model registry; cannot resolve {uri!r}")
+        raise TrackingError(f"{uri!r} needs the MLflow model registry; tracking is off (drop --no-track)")
+
+    def model_version(self, uri: str) -> tuple[str | None, str | None]:
+        raise TrackingError(f"{uri!r} needs the MLflow model registry; tracking is off (drop --no-track)")
+
+    def registered_models(self) -> list[dict[str, Any]]:
+        raise TrackingError("the model registry needs an MLflow store; tracking is off (drop --no-track)")
 
 
 # --------------------------------------------------------------------------------------------------- mlflow tracker
@@ -243,6 +251,8 @@ class MlflowTracker:
             else:
                 raise TrackingError(f"{uri!r} is not an MLflow model URI; use models:/NAME@ALIAS or runs:/ID/model")
             Path(dst).mkdir(parents=True, exist_ok=True)
+            # MLflow draws its own download bar on stderr; ours is the only progress a user should see
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             local = self.client.download_artifacts(run_id, path or MODEL_ARTIFACT_DIR, str(dst))
         except MlflowException as exc:
             raise TrackingError(
@@ -250,6 +260,40 @@ class MlflowTracker:
                 f"List registered models with `loupe models registered`."
             ) from None
         return Path(local)
+
+    def model_version(self, uri: str) -> tuple[str | None, str | None]:
+        """(registered name, version) behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; run id for runs:/."""
+        from mlflow.exceptions import MlflowException
+
+        if uri.startswith("runs:/"):
+            return None, "run:" + uri.removeprefix("runs:/").partition("/")[0]
+        name, sep, alias = uri.removeprefix("models:/").partition("@")
+        if not sep:
+            name, _, version = name.partition("/")
+            return name, version
+        try:
+            return name, str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            raise TrackingError(f"could not read the version behind {uri!r}: {exc.message}") from None
+
+    def registered_models(self) -> list[dict[str, Any]]:
+        """Every registered model version with its aliases and run, newest first within a name."""
+        out = []
+        for rm in self.client.search_registered_models():
+            aliases: dict[str, list[str]] = {}
+            for alias, version in (rm.aliases or {}).items():
+                aliases.setdefault(str(version), []).append(alias)
+            versions = self.client.search_model_versions(f"name='{rm.name}'")
+            for mv in sorted(versions, key=lambda m: -int(m.version)):
+                out.append(
+                    {
+                        "name": rm.name,
+                        "version": str(mv.version),
+                        "aliases": sorted(aliases.get(str(mv.version), [])),
+                        "run_id": mv.run_id,
+                    }
+                )
+        return out
 
 
 def sys_exc() -> BaseException | None:

@@ -120,10 +120,9 @@ def models_registered(
 ) -> None:
     """List the models in the MLflow registry with their versions and aliases."""
     from loupe.core.tracking import make_tracker
-    from loupe.workflows.scoring import list_registered
 
     try:
-        rows = list_registered(make_tracker(tracking_uri))
+        rows = make_tracker(tracking_uri).registered_models()
     except LoupeError as exc:
         _fail(exc)
     if as_json:

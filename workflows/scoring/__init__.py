@@ -2,7 +2,7 @@
 
 from loupe.workflows.scoring.api import ScoreOptions, ScoreSummary, score
 from loupe.workflows.scoring.backends import RayOptions
-from loupe.workflows.scoring.model import Provenance, ResolvedModel, list_registered, resolve_model
+from loupe.workflows.scoring.model import Provenance, ResolvedModel, resolve_model
 from loupe.workflows.scoring.table import VOLATILE_COLUMNS, table_schema
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "ResolvedModel",
     "ScoreOptions",
     "ScoreSummary",
-    "list_registered",
     "resolve_model",
     "score",
     "table_schema",

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loupe.core.errors import ConfigError, TrackingError
+from loupe.core.errors import ConfigError
 from loupe.core.models import Classifier, WeightSpec, build_model, load_model_dir, save_model
 from loupe.core.models.weights import SPEC_FILE, file_sha256, find_weights_file, resolve_source
 from loupe.core.registry import MODELS, WEIGHTS
@@ -117,12 +117,12 @@ def _resolved(
 
 
 def _from_registry(ref: str, domain: str, tracker: Tracker | None) -> ResolvedModel:
-    if tracker is None or not hasattr(tracker, "client"):
+    if tracker is None:
         raise ConfigError(f"--model {ref!r} needs the MLflow model registry; drop --no-track and set --tracking-uri")
     tmp = tempfile.TemporaryDirectory(prefix="loupe-score-model-")
     local = tracker.resolve_model_uri(ref, tmp.name)
     model, spec = load_model_dir(local)
-    name, version = registry_version(tracker, ref)
+    name, version = tracker.model_version(ref)
     return _resolved(model, spec, Path(local), domain, ref, name or spec.name, version or spec.version, tmp)
 
 
@@ -139,40 +139,3 @@ def _from_tag(tag: str, domain: str) -> ResolvedModel:
     res = _resolved(model, spec, folder, domain, f"tag:{tag}", spec.name, spec.version, tmp)
     res.provenance = Provenance(**{**res.provenance.to_dict(), "weights_sha256": file_sha256(weights)})
     return res
-
-
-def registry_version(tracker: Tracker, ref: str) -> tuple[str | None, str | None]:
-    """(registered name, version) behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; run id for runs:/."""
-    if ref.startswith("runs:/"):
-        return None, "run:" + ref.removeprefix("runs:/").partition("/")[0]
-    name, sep, alias = ref.removeprefix("models:/").partition("@")
-    if not sep:
-        name, _, version = name.partition("/")
-        return name, version
-    client = tracker.client  # type: ignore[attr-defined]
-    try:
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    except Exception as exc:  # noqa: BLE001 - the store's own error type stays inside core.tracking
-        raise TrackingError(f"could not read the version behind {ref!r}: {exc}") from None
-
-
-def list_registered(tracker: Tracker) -> list[dict[str, Any]]:
-    """Every registered model version with its aliases and run, newest first within a name."""
-    if not hasattr(tracker, "client"):
-        raise ConfigError("the model registry needs an MLflow store; drop --no-track and set --tracking-uri")
-    client = tracker.client  # type: ignore[attr-defined]
-    out = []
-    for rm in client.search_registered_models():
-        aliases: dict[str, list[str]] = {}
-        for alias, version in (rm.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        for mv in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda m: -int(m.version)):
-            out.append(
-                {
-                    "name": rm.name,
-                    "version": str(mv.version),
-                    "aliases": sorted(aliases.get(str(mv.version), [])),
-                    "run_id": mv.run_id,
-                }
-            )
-    return out
