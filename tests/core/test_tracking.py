@@ -81,6 +81,12 @@ def test_model_registry_alias_round_trip(store: str, tmp_path: Path) -> None:
     assert spec2.label_names == ("x",)
     with pytest.raises(TrackingError, match="could not resolve 'models:/demo-cxr@nobody'"):
         tracker.resolve_model_uri("models:/demo-cxr@nobody", tmp_path / "x")
+    assert tracker.model_version("models:/demo-cxr@champion") == ("demo-cxr", "1")
+    assert tracker.registered_models() == [
+        {"name": "demo-cxr", "version": "1", "aliases": ["champion"], "run_id": run.run_id}
+    ]
+    with pytest.raises(TrackingError, match="could not read the version behind 'models:/demo-cxr@nobody'"):
+        tracker.model_version("models:/demo-cxr@nobody")
 
 
 def test_null_tracker_records_in_memory() -> None:
