@@ -2,8 +2,8 @@
 
 The target layer is the last block's first norm (timm ``norm1``, open_clip ``ln_1``): its output still has one
 token per patch, and its gradient w.r.t. the explained class score is what Grad-CAM weights. Prefix tokens (CLS,
-registers) are dropped and the rest reshaped to the patch grid. The overlay is drawn on the model's own input
-(denormalised), i.e. on exactly what the model saw.
+registers) are dropped and the rest reshaped to the patch grid. Each PNG shows the model's own input
+(denormalised, i.e. exactly what the model saw) and, beside it, the same image under the Grad-CAM map.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class ViTGradCAM:
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
         rgb = self._display(image)  # [H, W, 3] in 0..1
-        overlay = show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True)
-        img = Image.fromarray(overlay)
+        # the film as the model saw it beside the overlay: a reader must see the anatomy under the heat
+        overlay = show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True, image_weight=0.6)
+        img = Image.fromarray(np.concatenate([(rgb * 255).round().astype(np.uint8), overlay], axis=1))
         if min(img.size) < MIN_SIDE:
             scale = MIN_SIDE / min(img.size)
             img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BILINEAR)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -125,6 +126,9 @@ def test_explain_writes_overlays_next_to_the_table(inputs: tuple[Path, dict], mo
         assert Path(p).parent == tmp_path / "p.parquet.explain"
         with Image.open(p) as im:
             assert im.mode == "RGB" and min(im.size) >= 256
+            assert im.size[0] == 2 * im.size[1]  # the film as seen, beside the film under the map
+            left, right = np.asarray(im)[:, : im.size[1]], np.asarray(im)[:, im.size[1] :]
+            assert np.abs(left.astype(int) - right.astype(int)).mean() > 5
 
 
 def test_registry_alias_round_trip_then_score_by_champion(
