@@ -210,7 +210,7 @@ class MlflowTracker:
         try:
             yield run
         except BaseException:
-            status = "FAILED" if not isinstance(sys_exc(), KeyboardInterrupt) else "KILLED"
+            status = "KILLED" if isinstance(sys_exc(), (KeyboardInterrupt, SystemExit)) else "FAILED"
             raise
         finally:
             self.client.set_terminated(run.run_id, status=status)

@@ -384,6 +384,10 @@ _mount_optional()
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so open MLflow runs are closed as KILLED
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         app()
     except LoupeError as exc:  # anything that escaped a command is still a clear, non-traceback error

@@ -33,7 +33,7 @@ class Cfg:
 def test_yaml_with_overrides_builds_frozen_dataclass(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model: vit_small_patch16\noptim:\n  lr: 0.01\nlabels: [A, B]\n")
-    data = apply_overrides(load_yaml(path), ["epochs=5", "optim.betas=[0.8, 0.9]", "checkpoint=null"])
+    data = apply_overrides(load_yaml(path), ["epochs=5", "optim.betas=[0.8, 0.9]", "checkpoint=null", "optim.lr=1e-2"])
     cfg = build(Cfg, data)
     assert cfg == Cfg(model="vit_small_patch16", epochs=5, labels=["A", "B"], optim=Optim(lr=0.01, betas=(0.8, 0.9)))
     assert flatten(to_dict(cfg))["optim.lr"] == 0.01

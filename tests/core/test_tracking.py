@@ -63,6 +63,13 @@ def test_failed_run_is_marked_failed(store: str) -> None:
     assert MlflowClient(tracking_uri=store).get_run(run.run_id).info.status == "FAILED"
 
 
+def test_interrupted_run_is_marked_killed(store: str) -> None:
+    tracker = MlflowTracker(store)
+    with pytest.raises(SystemExit), tracker.run("stopped", experiment="loupe-test") as run:
+        raise SystemExit(143)  # what the CLI's SIGTERM handler raises
+    assert MlflowClient(tracking_uri=store).get_run(run.run_id).info.status == "KILLED"
+
+
 def test_model_registry_alias_round_trip(store: str, tmp_path: Path) -> None:
     spec = WeightSpec(
         name="m", architecture="vit_micro_patch8", input_size=(1, 16, 16), mean=(0.5,), std=(0.5,), label_names=("x",)
