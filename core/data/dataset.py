@@ -68,7 +68,7 @@ class ManifestDataset(Dataset):
         self.root = Path(root) if root is not None else Path(".")
         self.transform, self.reader, self.on_error = transform, reader, on_error
         values = self.frame[self.labels].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-        self._targets = torch.from_numpy(values)  # [N, L]
+        self._targets = torch.tensor(values)  # [N, L]; a copy: pandas may hand back a read-only view
         self._meta_columns = [c for c in self.frame.columns if c in (GROUP, SPLIT) or str(c).startswith(META_PREFIX)]
 
     def __len__(self) -> int:
