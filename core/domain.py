@@ -21,11 +21,13 @@ InputLoader = Callable[[Path, WeightSpec], tuple[torch.Tensor, dict[str, Any]]]
 
 
 def standard_loader(path: Path, spec: WeightSpec) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read any supported file (format sniffed by content) and apply the spec's preprocessing."""
+    """Read any supported file (format sniffed by content), check it is in the model's scope (``spec.modalities``)
+    and apply the spec's preprocessing."""
     from loupe.core.io import read_any
     from loupe.core.transforms import ModelInput
 
     img = read_any(path)
+    spec.check_scope(img.meta, path)
     array = img.array
     if array.ndim == 3 and img.meta.get("frames", 1) > 1:  # multi-frame DICOM: score the first frame
         array = array[0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loupe.core.errors import ConfigError
+from loupe.core.errors import ConfigError, UnsupportedInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,6 +33,9 @@ class WeightSpec:
     ``input_size`` is (channels, height, width); ``mean``/``std`` apply to intensities scaled to 0..1;
     ``intensity`` documents the convention (e.g. "DICOM VOI-windowed, MONOCHROME2, 0..1").
     ``thresholds`` maps each label to its operating threshold on the score (probability) scale.
+    ``modalities``: the DICOM modalities (``CR``, ``DX``, ...) the model is meant for; a DICOM input of another
+    modality is refused by `check_scope` instead of being scored silently wrong. Empty = any input; files
+    without a modality (PNG, JPEG, TIFF) are always accepted.
     """
 
     name: str
@@ -53,6 +56,7 @@ class WeightSpec:
     version: str = "0"
     licence: str = "unspecified"
     description: str = ""
+    modalities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -74,7 +78,21 @@ class WeightSpec:
         for k, v in self.thresholds.items():
             if not 0.0 <= float(v) <= 1.0:
                 out.append(f"threshold for {k!r} must be a probability in [0, 1], got {v}")
+        bad = [m for m in self.modalities if not (isinstance(m, str) and m.isalnum() and m.isupper())]
+        if bad:
+            out.append(f"modalities must be DICOM modality codes in capitals (CR, DX, CT, ...), got {bad}")
         return out
+
+    def check_scope(self, meta: dict[str, Any], path: str | Path) -> None:
+        """Refuse a DICOM input whose modality is outside ``modalities`` (`UnsupportedInputError`)."""
+        modality = str(meta.get("modality") or "").upper()
+        if not self.modalities or not modality or modality in self.modalities:
+            return
+        raise UnsupportedInputError(
+            f"{path}: DICOM modality {modality} is outside the scope of model {self.name!r}, which is meant for "
+            f"{', '.join(self.modalities)} images; score it with a model made for {modality}, or, if this model "
+            f"really applies, add {modality!r} to 'modalities' in its weight_spec.json"
+        )
 
     @property
     def in_chans(self) -> int:
@@ -89,7 +107,7 @@ class WeightSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("input_size", "mean", "std", "label_names"):
+        for k in ("input_size", "mean", "std", "label_names", "modalities"):
             d[k] = list(d[k])
         return d
 
@@ -100,7 +118,7 @@ class WeightSpec:
         if unknown:
             raise ConfigError(f"weight spec has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
         d = dict(d)
-        for k in ("input_size", "mean", "std", "label_names"):
+        for k in ("input_size", "mean", "std", "label_names", "modalities"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -7,9 +7,10 @@ predictions table shows a ``failed`` row next to the ``ok`` ones.
 Model, first that applies:
 1. weights of a registered CXR weight tag already in the local cache (``loupe weights list``);
 2. a tiny ViT trained on the spot on PneumoniaMNIST (``../shared/data`` or ``LOUPE_SHARED_DATA``), label
-   ``Pneumonia``, with the Youden threshold of its validation split stored as the operating threshold;
+   ``Pneumonia``, with the Youden threshold of its validation split stored as the operating threshold; as a
+   radiograph model it refuses the CT, MR and ultrasound inputs (``failed: ... outside the scope``);
 3. on a machine with neither: a tiny ViT trained on crops of the installed DICOM and scikit-image's bundled
-   images to tell a chest radiograph from other images, label ``Chest radiograph``.
+   images to tell a chest radiograph from other images, label ``Chest radiograph`` (any modality is in scope).
 Every demo model says "DEMO MODEL" in its spec description; the caller tags its MLflow run ``demo=true``.
 """
 
@@ -27,6 +28,7 @@ import torch
 
 from loupe.core.models import WeightSpec, build_model, save_model
 from loupe.core.transforms import ModelInput
+from loupe.domains.cxr.models import CXR_MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,9 @@ def _cached_tag_model(work_dir: Path) -> Path | None:
     return None
 
 
-def _spec(name: str, label: str, mean: float, std: float, description: str) -> WeightSpec:
+def _spec(
+    name: str, label: str, mean: float, std: float, description: str, modalities: tuple[str, ...] = ()
+) -> WeightSpec:
     return WeightSpec(
         name=name,
         architecture=DEMO_ARCH,
@@ -137,6 +141,7 @@ def _spec(name: str, label: str, mean: float, std: float, description: str) -> W
         version="demo",
         licence="demo only: not for clinical use",
         description=description,
+        modalities=modalities,
     )
 
 
@@ -161,6 +166,7 @@ def _pneumonia_data(npz: Path, fast: bool) -> tuple[WeightSpec, Split, Split]:
         std,
         f"DEMO MODEL: a {DEMO_ARCH} trained for seconds on {n} PneumoniaMNIST 28 px films (CC BY 4.0) to score "
         "pneumonia vs normal. A demonstration of the pipeline, not a diagnostic model.",
+        modalities=CXR_MODALITIES,
     )
     return spec, (_prepare(spec, x), torch.from_numpy(y).float()), (_prepare(spec, vx), torch.from_numpy(vy).float())
 

@@ -60,6 +60,11 @@ for _v, (_arch, _bound) in _VARIANTS.items():
     MODELS.register(f"cxr_mae_vit_{_v}", _mae_builder(_v), domain="cxr", backbone=_arch, kind="mae", **_bound)
 
 
+# Radiographs: computed (CR), digital (DX) and film-screen (RG). A CT, MR or ultrasound image is refused by a CXR
+# model rather than given a confident, meaningless score.
+CXR_MODALITIES = ("CR", "DX", "RG")
+
+
 def cxr_spec(
     name: str,
     architecture: str,
@@ -69,7 +74,8 @@ def cxr_spec(
     in_chans: int = 1,
     **changes: Any,
 ) -> WeightSpec:
-    """A CXR weight spec: grey (or grey replicated to RGB for 3-channel weights), CXR mean/std, bilinear squash."""
+    """A CXR weight spec: grey (or grey replicated to RGB for 3-channel weights), CXR mean/std, bilinear squash,
+    radiograph modalities only (``modalities=()`` in ``changes`` accepts any)."""
     mean = CXR_MEAN * in_chans
     std = CXR_STD * in_chans
     base = dict(
@@ -84,6 +90,7 @@ def cxr_spec(
         resize_mode="squash",
         label_names=tuple(label_names),
         domain="cxr",
+        modalities=CXR_MODALITIES,
     )
     return WeightSpec(**{**base, **changes})
 

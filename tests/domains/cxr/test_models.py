@@ -73,3 +73,9 @@ def test_medical_mae_three_to_one_channel(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded["blocks.11.mlp.fc2.weight"], sd["blocks.11.mlp.fc2.weight"], rtol=0, atol=0)
     assert any("3→1 input channels" in c for c in report.conversions)
     assert model(torch.randn(1, 1, 224, 224)).shape == (1, 1)
+
+
+def test_cxr_models_are_scoped_to_radiographs() -> None:
+    spec = cxr_spec("m", "cxr_vit_micro_patch4", ("Pneumonia",), img_size=28)
+    assert spec.modalities == ("CR", "DX", "RG")
+    assert cxr_spec("m", "cxr_vit_micro_patch4", ("Pneumonia",), img_size=28, modalities=()).modalities == ()
