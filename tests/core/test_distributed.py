@@ -54,7 +54,7 @@ eval: {{n_boot: 20}}
 def test_ddp_finetune_with_two_cpu_processes_logs_one_run(tmp_path: Path, shared_data: Path) -> None:
     cfg = _write_cfg(tmp_path, shared_data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOUPE_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "loupe.domains.cxr.run", str(cfg)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
