@@ -178,6 +178,13 @@ def _check_pixel_module(path: Path, ds: Dataset) -> str:
     for tag, name in (("(0028,0010)", "Rows"), ("(0028,0011)", "Columns"), ("(0028,0100)", "BitsAllocated")):
         if ds.get(name) in (None, ""):
             raise input_error(path, f"{tag} {name} is missing, so the pixel data cannot be laid out", _REEXPORT)
+    for tag, name in _GEOMETRY_TAGS:  # a corrupt value must not be read as a default (pydicom would keep the text)
+        value = ds.get(name)
+        if value not in (None, "") and not _is_whole(value):
+            raise input_error(
+                path, f"{tag} {name} is {str(value)!r}, not a whole number, so the pixel data cannot be laid out",
+                _REEXPORT,
+            )  # fmt: skip
     pi = str(ds.get("PhotometricInterpretation") or "").strip()
     if pi not in dicom_lut.MONOCHROME + dicom_lut.COLOR:
         shown = repr(pi) if pi else "missing"
@@ -342,6 +349,24 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         return None
     text = str(value).strip() if value is not None else ""
     return text or None
+
+
+_GEOMETRY_TAGS = (
+    ("(0028,0010)", "Rows"),
+    ("(0028,0011)", "Columns"),
+    ("(0028,0100)", "BitsAllocated"),
+    ("(0028,0101)", "BitsStored"),
+    ("(0028,0002)", "SamplesPerPixel"),
+    ("(0028,0008)", "NumberOfFrames"),
+    ("(0028,0103)", "PixelRepresentation"),
+)
+
+
+def _is_whole(value: Any) -> bool:
+    try:
+        return float(value) == int(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _int(value: Any, default: int) -> int:

@@ -253,3 +253,13 @@ def test_ages_over_89_are_aggregated(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "old.dcm")
     meta = read_dicom(tmp_path / "old.dcm").meta
     assert meta["patient_age"] == "090Y+" and meta["patient_age_years"] == 90.0
+
+
+def test_corrupt_geometry_value_is_named_not_defaulted() -> None:
+    path = _find("badVR.dcm")  # (0028,0008) Number of Frames holds the text '1A'
+    with pytest.raises(UnsupportedInputError) as err:
+        read_dicom(path)
+    assert str(err.value) == (
+        f"{path}: (0028,0008) NumberOfFrames is '1A', not a whole number, so the pixel data cannot be laid out; "
+        "the file is truncated or corrupt; re-export it from the PACS or modality"
+    )
