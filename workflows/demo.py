@@ -94,8 +94,8 @@ def _final_report(results: list[DemoResult], uri: str, console: Console) -> None
         s = r.summary
         console.print(
             f"{r.domain}: {s.rows_ok} ok / {s.rows_failed} failed rows in {r.seconds:.0f} s "
-            f"(failed rows are expected: the inputs include a corrupt file, and a radiograph model refuses the CT, "
-            f"MR and ultrasound images as outside its scope; the reasons are in the status column)\n"
+            f"(failed rows are expected: the demo inputs include a corrupt file and may include images outside the "
+            f"model's scope; each reason is listed above and in the status column)\n"
             f"  predictions: {s.out}\n  explanations: {s.explain_dir}\n  model: {r.model_uri}",
             highlight=False,
         )

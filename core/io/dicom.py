@@ -181,10 +181,8 @@ def _check_pixel_module(path: Path, ds: Dataset) -> str:
     for tag, name in _GEOMETRY_TAGS:  # a corrupt value must not be read as a default (pydicom would keep the text)
         value = ds.get(name)
         if value not in (None, "") and not _is_whole(value):
-            raise input_error(
-                path, f"{tag} {name} is {str(value)!r}, not a whole number, so the pixel data cannot be laid out",
-                _REEXPORT,
-            )  # fmt: skip
+            problem = f"{tag} {name} is {str(value)!r}, not a whole number, so the pixel data cannot be laid out"
+            raise input_error(path, problem, _REEXPORT)
     pi = str(ds.get("PhotometricInterpretation") or "").strip()
     if pi not in dicom_lut.MONOCHROME + dicom_lut.COLOR:
         shown = repr(pi) if pi else "missing"
