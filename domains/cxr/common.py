@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from loupe.core.config import flatten, to_dict
+from loupe.core.data.dataset import collate_samples
 from loupe.core.distributed import DistInfo, sampler_for
 from loupe.core.errors import ConfigError
 from loupe.core.models.spec import WeightSpec
@@ -130,6 +131,7 @@ def make_loader(ds: Dataset, data: DataConfig, info: DistInfo, *, train: bool, s
         drop_last=train and len(ds) >= data.batch_size * info.world_size,
         num_workers=data.num_workers,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_samples,  # reader metadata (None values, nested dicts) stays a list beside the tensors
     )
 
 
@@ -141,13 +143,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     for batch in loader:
         scores.append(torch.sigmoid(model(batch["image"].to(device)).float()).cpu())
         labels.append(batch["label"])
-        meta = batch["meta"]
-        if isinstance(meta, dict):  # default collate: dict of lists
-            n = len(batch["label"])
-            meta = [
-                {k: (v[i] if isinstance(v, (list, torch.Tensor)) else v) for k, v in meta.items()} for i in range(n)
-            ]
-        metas.extend(meta)
+        metas.extend(batch["meta"])
     return torch.cat(scores).numpy(), torch.cat(labels).numpy(), metas
 
 

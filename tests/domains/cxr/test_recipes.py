@@ -147,3 +147,34 @@ def test_evaluate_recipe_on_the_real_nih_films(tmp_path: Path, shared_data: Path
     assert tracker.client.get_run(out["run_id"]).data.metrics["all_macro_auroc"] == pytest.approx(
         table.loc[table["label"] == "macro", "auroc"].item()
     )
+
+
+def _dicom_manifest(tmp_path: Path) -> Path:
+    """A manifest of real DICOM films (pydicom-data chest and extremity CR, CT, MR), labels alternating, with a split."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    names = ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "CT_small.dcm", "MR_small.dcm")
+    rows = []
+    for i in range(24):
+        src = Path(get_testdata_file(names[i % len(names)], download=False))
+        dst = tmp_path / "films" / f"film_{i:02d}.dcm"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(src, dst)
+        split = "train" if i < 16 else "val" if i < 20 else "test"
+        rows.append({"path": f"films/{dst.name}", "Pneumonia": i % 2, "split": split, "group": f"p{i}"})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def test_finetune_on_a_dicom_manifest_runs(tmp_path: Path) -> None:
+    """Reader metadata of real DICOM holds None values (no view position, no age); batches must still form."""
+    manifest = _dicom_manifest(tmp_path)
+    overrides = ["data.source=manifest", f"data.path={manifest}", "data.label_set=cxr.pneumonia", "data.batch_size=8",
+                 "model.init=", "model.img_size=16", "train.epochs=1", "train.threads=1", "train.progress=false",
+                 "eval.n_boot=20", f"run.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", overrides)
+    out = cls(cfg, NullTracker()).run("train")
+    assert out["best_epoch"] == 0 and (tmp_path / "out" / "model" / "weights.safetensors").is_file()
