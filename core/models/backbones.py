@@ -189,7 +189,11 @@ def build_open_clip(arch: str, *, img_size: int | None = None) -> nn.Module:
 
 
 class OpenClipVisualBackbone(Backbone):
-    """The visual tower of an open_clip model (its own ViT, or a timm trunk through ``TimmModel``)."""
+    """The visual tower of an open_clip model (its own ViT, or a timm trunk through ``TimmModel``).
+
+    Only the visual tower is held: a text tower that takes no part in the image forward would get no gradient and
+    break DDP at its second step. Zero-shot heads get the text side separately (`load_open_clip_text`).
+    """
 
     def __init__(self, arch: str, *, in_chans: int = 3, img_size: int | None = None, clip: nn.Module | None = None):
         super().__init__()
@@ -199,8 +203,8 @@ class OpenClipVisualBackbone(Backbone):
         if in_chans != 3:
             raise ConfigError(f"open_clip towers take 3-channel input, got in_chans={in_chans}; replicate grey to RGB")
         self.arch = arch
-        self.clip = clip if clip is not None else build_open_clip(arch, img_size=img_size)
-        v = self.clip.visual
+        self.visual = (clip if clip is not None else build_open_clip(arch, img_size=img_size)).visual
+        v = self.visual
         self.in_chans = 3
         if isinstance(v, VisionTransformer):
             self._kind = "vit"
@@ -225,10 +229,6 @@ class OpenClipVisualBackbone(Backbone):
             raise ConfigError(
                 f"open_clip model {arch!r} has a {type(v).__name__} visual tower; Loupe backbones need a ViT tower"
             )
-
-    @property
-    def visual(self) -> nn.Module:
-        return self.clip.visual
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from loupe.core.errors import ConfigError, WeightsMismatchError
-from loupe.core.models.backbones import Backbone, OpenClipVisualBackbone, TimmViTBackbone, create_backbone
+from loupe.core.models.backbones import (
+    Backbone,
+    OpenClipText,
+    OpenClipVisualBackbone,
+    TimmViTBackbone,
+    create_backbone,
+)
 from loupe.core.models.spec import WeightSpec
 from loupe.core.models.weights import (
     SPEC_FILE,
@@ -125,7 +132,16 @@ def load_weights_into(model: Classifier, source: str, layout: str) -> LoadReport
 
 
 def _load_loupe(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
-    return load_into(model, sd, source=source)
+    report = LoadReport()
+    if isinstance(model.backbone, OpenClipVisualBackbone) and any(k.startswith("backbone.clip.") for k in sd):
+        # folders saved before image backbones held only the visual tower: keep the tower, drop the text side
+        text = [k for k in sd if k.startswith("backbone.clip.") and not k.startswith("backbone.clip.visual.")]
+        sd = {k.replace("backbone.clip.visual.", "backbone.visual.", 1): v for k, v in sd.items() if k not in text}
+        report.unexpected += text
+        report.conversions.append(
+            f"old layout: backbone.clip.visual.* read as backbone.visual.*, {len(text)} text keys dropped"
+        )
+    return load_into(model, sd, source=source, report=report)
 
 
 def _timm_inner(model: Classifier, source: str) -> nn.Module:
@@ -181,20 +197,38 @@ def _load_open_clip(model: Classifier, sd: dict[str, torch.Tensor], source: str)
     if not isinstance(model.backbone, OpenClipVisualBackbone):
         raise WeightsMismatchError(f"{source}: open_clip weights need an open_clip backbone")
     report = LoadReport()
-    visual_only = not any(k.startswith("visual.") for k in sd)
-    if visual_only:
+    if not any(k.startswith("visual.") for k in sd):  # a visual-tower-only file
         sd = {f"visual.{k}": v for k, v in sd.items()}
     before = sd.get("visual.positional_embedding")
-    resize_pos_embed(sd, model.backbone.clip)
+    resize_pos_embed(sd, SimpleNamespace(visual=model.backbone.visual))
     if before is not None and sd["visual.positional_embedding"].shape != before.shape:
         report.conversions.append(
             f"visual.positional_embedding resampled to {tuple(sd['visual.positional_embedding'].shape)}"
         )
-    full = {f"backbone.clip.{k}": v for k, v in sd.items()}
-    allow_missing = ("head.*",) + (("backbone.clip.*",) if visual_only else ())
-    if visual_only:
-        report.conversions.append("visual tower only: the text tower keeps random weights")
-    return load_into(model, full, allow_missing=allow_missing, report=report, source=source)
+    text = [k for k in sd if not k.startswith("visual.")]
+    if text:
+        report.conversions.append(f"image model: {len(text)} text-tower keys dropped (load_open_clip_text reads them)")
+    full = {f"backbone.{k}": v for k, v in sd.items() if k.startswith("visual.")}
+    report.unexpected += text
+    return load_into(model, full, allow_missing=("head.*",), report=report, source=source)
+
+
+def load_open_clip_text(arch: str, source: str | None = None) -> OpenClipText:
+    """The text side of open_clip model ``arch`` (name or JSON config), with the weights of ``source`` when given:
+    an open_clip checkpoint holding both towers (bare or ``state_dict``-wrapped), loaded strictly."""
+    from loupe.core.models.backbones import build_open_clip
+
+    clip = build_open_clip(arch.removeprefix("open_clip:"))
+    if source:
+        sd = load_state_dict(resolve_source(source))
+        missing, unexpected = clip.load_state_dict(sd, strict=False)
+        text_missing = [k for k in missing if not k.startswith("visual.")]
+        if text_missing or unexpected:
+            raise WeightsMismatchError(
+                f"{source} does not hold the text tower of {arch!r}: {len(text_missing)} text keys missing "
+                f"({', '.join(text_missing[:5])}), {len(unexpected)} unexpected; pass the full open_clip checkpoint"
+            )
+    return OpenClipText(clip.eval(), arch.removeprefix("open_clip:"))
 
 
 def save_model(model: nn.Module, spec: WeightSpec, out_dir: str | Path) -> Path:

@@ -6,6 +6,7 @@ import torch
 
 from loupe.core.errors import ConfigError, UnknownNameError
 from loupe.core.models import OpenClipText, create_backbone
+from loupe.core.models.backbones import build_open_clip
 from loupe.core.registry import MODELS
 
 
@@ -35,15 +36,14 @@ def test_tiny_open_clip_tokens_and_pool_match_open_clip(clip_cfg) -> None:
     x = torch.randn(2, 3, 32, 32)
     tokens = bb.forward_features(x)
     assert tokens.shape == (2, 1 + 16, 64) and bb.num_prefix_tokens == 1
-    torch.testing.assert_close(bb.pool(tokens), bb.clip.encode_image(x))
+    torch.testing.assert_close(bb.pool(tokens), bb.visual(x))
     assert bb.embed_dim == 32 and bb.token_dim == 64
     # another input size interpolates the position embeddings
     assert bb(torch.randn(1, 3, 48, 48)).shape == (1, 32)
 
 
 def test_open_clip_text_side_is_normalised(clip_cfg) -> None:
-    model = MODELS.create("test_clip_nano", num_outputs=0)
-    text = OpenClipText(model.backbone.clip, str(clip_cfg))
+    text = OpenClipText(build_open_clip(str(clip_cfg)), str(clip_cfg))
     emb = text(["a chest radiograph", "a photo of a cat"])
     assert emb.shape == (2, 32)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
@@ -71,3 +71,23 @@ def test_non_vit_timm_model_is_refused() -> None:
     assert timm.is_model("resnet18")
     with pytest.raises(ConfigError, match="resnet18"):
         create_backbone("timm:resnet18")
+
+
+def test_open_clip_backbone_trains_under_ddp(clip_cfg, tmp_path) -> None:
+    """An image Backbone holds only the visual tower: under DDP every parameter gets a gradient, step after step."""
+    import torch.distributed as dist
+
+    model = MODELS.create("test_clip_nano", num_outputs=2)
+    assert not any(n.startswith("backbone.clip.transformer") for n, _ in model.named_parameters())
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for _ in range(3):  # the reducer complains at the second step when a parameter got no gradient
+            loss = ddp(torch.randn(2, 3, 32, 32)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from loupe.core.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
-from loupe.core.models import WeightSpec, build_model, load_model_dir, save_model
+from loupe.core.models import WeightSpec, build_model, load_model_dir, load_open_clip_text, save_model
+from loupe.core.models.backbones import build_open_clip
 from loupe.core.registry import MODELS
 
 NANO = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -51,7 +52,8 @@ def test_timm_state_dict_round_trip(tmp_path: Path, suffix: str) -> None:
 
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_open_clip_checkpoint_round_trip(tmp_path: Path, wrapped: bool) -> None:
-    ref = MODELS.create("test_clip_nano").backbone.clip.eval()
+    cfg = MODELS.entry("test_clip_nano").meta["backbone"]
+    ref = build_open_clip(cfg.removeprefix("open_clip:")).eval()
     sd = ref.state_dict()
     if wrapped:  # open_clip training checkpoints: {"epoch", "state_dict": {"module.<key>"}}
         path = tmp_path / "epoch_1.pt"
@@ -60,12 +62,14 @@ def test_open_clip_checkpoint_round_trip(tmp_path: Path, wrapped: bool) -> None:
         path = tmp_path / "open_clip_model.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     spec = _spec(f"file:{path}", "open_clip", arch="test_clip_nano").replace(task="embedding", label_names=())
-    model, _ = build_model(spec)
+    model, report = build_model(spec)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.embed(x), ref.encode_image(x))
+    assert "text-tower keys dropped" in report.summary() and "visual.conv1.weight" not in report.unexpected
+    text = load_open_clip_text(cfg, f"file:{path}")  # the text side, for zero-shot heads, from the same file
     tokens = torch.randint(0, 1000, (2, 16))
-    torch.testing.assert_close(model.backbone.clip.encode_text(tokens), ref.encode_text(tokens))
+    torch.testing.assert_close(text.clip.encode_text(tokens), ref.encode_text(tokens))
 
 
 def _mae_checkpoint(path: Path, enc: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -160,3 +164,16 @@ def test_wrong_architecture_lists_the_mismatches(tmp_path: Path) -> None:
     save_file(sd, str(tmp_path / "partial.safetensors"))
     with pytest.raises(WeightsMismatchError, match=r"keys the model needs are missing \(backbone.model.blocks.1"):
         build_model(_spec(f"file:{tmp_path / 'partial.safetensors'}", "timm"))
+
+
+def test_open_clip_model_folder_of_the_old_layout_still_loads(tmp_path: Path) -> None:
+    """Folders saved while the backbone held the whole CLIP (keys backbone.clip.visual.*) load into the tower."""
+    spec = _spec(None, "loupe", arch="test_clip_nano").replace(task="embedding", label_names=())
+    model, _ = build_model(spec)
+    folder = save_model(model.eval(), spec, tmp_path / "m")
+    sd = {k.replace("backbone.visual.", "backbone.clip.visual.", 1): v for k, v in model.state_dict().items()}
+    sd["backbone.clip.token_embedding.weight"] = torch.zeros(8, 4)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "weights.safetensors"))
+    loaded, _ = load_model_dir(folder)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.embed(x), model.embed(x))

@@ -150,7 +150,7 @@ def test_evaluate_recipe_on_the_real_nih_films(tmp_path: Path, shared_data: Path
 
 
 def _dicom_manifest(tmp_path: Path) -> Path:
-    """A manifest of real DICOM films (pydicom-data chest and extremity CR, CT, MR), labels alternating, with a split."""
+    """A manifest of real DICOM (pydicom-data chest and extremity CR, CT, MR), labels alternating, with a split."""
     import shutil
 
     from pydicom.data import get_testdata_file
