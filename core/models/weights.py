@@ -189,9 +189,11 @@ class LoadReport:
 
 
 def adapt_vit_keys(sd: dict[str, torch.Tensor], model: nn.Module, report: LoadReport) -> dict[str, torch.Tensor]:
-    """Fit ViT weights to ``model``: patch-embed channels (3→1 by summing, 1→3 by repeating) and pos-embed grid."""
-    from timm.layers import resample_abs_pos_embed
+    """Fit ViT weights to a timm ``model``: patch-embed channels (3→1 by summing, 1→3 by repeating), then timm's own
+    checkpoint filter for the position table (which knows prefix tokens that carry no position, as in DeiT-3 and
+    register-token ViTs) and the patch kernel size."""
     from timm.models import adapt_input_conv
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
     target = model.state_dict()
     out = dict(sd)
@@ -200,13 +202,11 @@ def adapt_vit_keys(sd: dict[str, torch.Tensor], model: nn.Module, report: LoadRe
         cin, cout = out[k].shape[1], target[k].shape[1]
         out[k] = adapt_input_conv(cout, out[k].float()).to(out[k].dtype)
         report.conversions.append(f"{k}: {cin}→{cout} input channels")
-    k = "pos_embed"
-    if k in out and k in target and out[k].shape != target[k].shape:
-        prefix = int(getattr(model, "num_prefix_tokens", 1))
-        new_grid = list(model.patch_embed.grid_size)
-        old_shape = tuple(out[k].shape)
-        out[k] = resample_abs_pos_embed(out[k], new_grid, num_prefix_tokens=prefix)
-        report.conversions.append(f"{k}: resampled {old_shape}→{tuple(out[k].shape)}")
+    shapes = {n: tuple(v.shape) for n, v in out.items() if n in ("pos_embed", k)}
+    out = checkpoint_filter_fn(out, model)
+    for n, old in shapes.items():
+        if n in out and tuple(out[n].shape) != old:
+            report.conversions.append(f"{n}: resampled {old}→{tuple(out[n].shape)}")
     return out
 
 

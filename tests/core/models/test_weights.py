@@ -177,3 +177,26 @@ def test_open_clip_model_folder_of_the_old_layout_still_loads(tmp_path: Path) ->
     loaded, _ = load_model_dir(folder)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.embed(x), model.embed(x))
+
+
+@pytest.mark.parametrize("layout", ["timm", "mae"])
+def test_positions_resample_when_prefix_tokens_carry_none(tmp_path: Path, layout: str) -> None:
+    """DeiT-3 / register-token ViTs (no_embed_class): the position table covers patches only, so all of it is grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    from loupe.core.models import register_vit
+
+    kw = dict(reg_tokens=4, no_embed_class=True)
+    if "test_vit_nano_reg" not in MODELS:
+        register_vit("test_vit_nano_reg", "timm:vit_tiny_patch16_224", **NANO, **kw)
+    ref = _timm_nano(num_classes=0, img_size=32, **kw)
+    assert ref.num_prefix_tokens == 5 and ref.pos_embed.shape == (1, 16, 32)
+    sd = _mae_checkpoint(tmp_path / "w.pth", ref) if layout == "mae" else ref.state_dict()
+    if layout == "timm":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    path = tmp_path / ("w.pth" if layout == "mae" else "w.safetensors")
+    model, report = build_model(_spec(f"file:{path}", layout, arch="test_vit_nano_reg", size=64))
+    expected = resample_abs_pos_embed(sd["pos_embed"], [8, 8], num_prefix_tokens=0)
+    torch.testing.assert_close(model.backbone.model.pos_embed.detach(), expected)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    assert any("pos_embed" in c for c in report.conversions)
