@@ -234,7 +234,8 @@ class FinetuneRecipe(Recipe):
         from loupe.domains.cxr.manifests import subgroup_frame
 
         meta = subgroup_frame(test_ds)
-        report = evaluation_report(Y, S, self.names, cfg=self.cfg.eval, thresholds=thresholds, meta=meta)
+        groups = meta["group"].to_numpy() if "group" in meta else None  # patient-level (cluster) bootstrap CIs
+        report = evaluation_report(Y, S, self.names, cfg=self.cfg.eval, thresholds=thresholds, meta=meta, groups=groups)
         log_report(run, report, self.out / "evaluation")
         model_dir = save_model(model, spec, self.out / "model")
         run.log_dict(signature(spec), "model/signature.json")

@@ -178,3 +178,51 @@ def test_finetune_on_a_dicom_manifest_runs(tmp_path: Path) -> None:
     cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", overrides)
     out = cls(cfg, NullTracker()).run("train")
     assert out["best_epoch"] == 0 and (tmp_path / "out" / "model" / "weights.safetensors").is_file()
+
+
+def test_finetune_confidence_intervals_resample_patients(tmp_path: Path) -> None:
+    """Six copies of each test patient's film: the test CI must come from the patient (cluster) bootstrap."""
+    from PIL import Image
+
+    from loupe.core.data import ManifestDataset
+    from loupe.core.metrics import per_label_auroc_ci
+    from loupe.core.models import load_model_dir
+    from loupe.domains.cxr.common import predict
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(30):
+        split = "train" if p < 18 else "val" if p < 24 else "test"
+        label = p % 2
+        img = rng.integers(0, 120, (28, 28)).astype(np.uint8)
+        img[8:20, 8:20] += np.uint8(20 * label + rng.integers(0, 80))
+        path = tmp_path / f"p{p:02d}.png"
+        Image.fromarray(img).save(path)
+        rows += [{"path": path.name, "Pneumonia": label, "split": split, "group": f"patient{p}"} for _ in range(6)]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    overrides = ["data.source=manifest", f"data.path={manifest}", "data.label_set=cxr.pneumonia", "data.batch_size=16",
+                 "model.init=", "model.img_size=16", "train.epochs=1", "train.threads=1", "train.progress=false",
+                 "eval.n_boot=200", f"run.output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", overrides)
+    out = cls(cfg, NullTracker()).run("train")
+
+    model, spec = load_model_dir(tmp_path / "out" / "model")
+    test = pd.read_csv(manifest).query("split == 'test'").reset_index(drop=True)
+    from loupe.core.transforms import ModelInput
+
+    prep = ModelInput(spec)
+    ds = ManifestDataset(test, ["Pneumonia"], root=tmp_path, transform=lambda a, m: prep(a))
+    S, Y, _ = predict(model, torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=_collate), torch.device("cpu"))
+    by_patient = per_label_auroc_ci(Y, S, ["Pneumonia"], n_boot=200, seed=0, groups=test["group"].to_numpy())
+    by_image = per_label_auroc_ci(Y, S, ["Pneumonia"], n_boot=200, seed=0)
+    low, high = out["test_macro_auroc_ci"]
+    macro = by_patient.set_index("label").loc["macro"]
+    assert (low, high) == pytest.approx((macro["ci_low"], macro["ci_high"]), abs=1e-9)
+    assert (low, high) != pytest.approx(tuple(by_image.set_index("label").loc["macro", ["ci_low", "ci_high"]]))
+
+
+def _collate(batch):
+    from loupe.core.data.dataset import collate_samples
+
+    return collate_samples(batch)
