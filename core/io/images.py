@@ -5,7 +5,9 @@ channels-last: ``[H, W]`` grayscale, ``[H, W, 2]`` grayscale + alpha, ``[H, W, 3
 Scaling to a model's range is the transforms' job, not the reader's.
 
 Metadata keys (besides the common ``path``, ``source_format``, ``original_size``, ``frames``, ``intensity``,
-``pipeline``): ``mode`` (Pillow's mode as stored), ``bit_depth`` (bits per sample as stored: 1, 8, 16 or 32),
+``pipeline``): ``mode`` (Pillow's mode as stored), ``bit_depth`` (the bits that carry data, what scaling to 0..1
+divides by: 1, 8, 10, 12, 14, 16 or 32), ``container_bit_depth`` (bits per sample as stored), ``bit_depth_source``
+(a PNG sBIT chunk, the data's range, or the container; see `significant_bits`),
 ``channels``, ``color`` (``"gray"``, ``"gray+alpha"``, ``"rgb"``, ``"rgba"``), ``exif_orientation`` (1-8, 1 when
 absent), ``orientation_applied`` (whether the pixels were rotated / flipped to honour it), ``pages`` (frames or
 TIFF pages in the file; only the first is read).
@@ -88,6 +90,10 @@ def _decode(path: Path, fmt: str, *, apply_exif: bool, max_pixels: int) -> Loade
             pipeline.append(f"exif: orientation {orientation} applied")
         array, bit_depth, steps = _to_array(out)
     pipeline += steps
+    container = bit_depth
+    bit_depth, source = significant_bits(path, fmt, array, bit_depth)
+    if bit_depth != container:
+        pipeline.append(f"bit depth: {bit_depth} significant bits of {container} stored ({source})")
     channels = 1 if array.ndim == 2 else int(array.shape[2])
     meta: dict[str, Any] = {
         "path": str(path),
@@ -97,14 +103,57 @@ def _decode(path: Path, fmt: str, *, apply_exif: bool, max_pixels: int) -> Loade
         "pages": pages,
         "mode": mode,
         "bit_depth": bit_depth,
+        "container_bit_depth": container,
+        "bit_depth_source": source,
         "channels": channels,
         "color": _COLOR.get(channels, f"{channels} channels"),
         "exif_orientation": orientation or 1,
         "orientation_applied": bool(apply_exif and orientation not in (1, None)),
-        "intensity": f"native {array.dtype} as stored ({bit_depth}-bit), higher = brighter",
+        "intensity": f"native {array.dtype} as stored ({bit_depth} significant bits), higher = brighter",
         "pipeline": pipeline,
     }
     return LoadedImage(array, meta)
+
+
+#: Bit depths a 16-bit container commonly holds (CR / DX detectors write 10, 12 or 14 bits).
+_CANDIDATE_BITS = (8, 10, 12, 14, 16)
+
+
+def significant_bits(path: Path, fmt: str, array: np.ndarray, stored: int) -> tuple[int, str]:
+    """The bits that carry data in a 16-bit image, and how that was decided.
+
+    A PNG's sBIT chunk says it outright; otherwise the data's range decides (the smallest of 8 / 10 / 12 / 14 / 16
+    bits that holds the largest value). Dividing 12-bit data by 65535 would darken every film 16-fold and silently
+    flip decisions. Depths other than 16 are returned as stored.
+    """
+    if stored != 16 or not np.issubdtype(array.dtype, np.integer):
+        return stored, "container"
+    if fmt == "png":
+        sbit = _png_sbit(path)
+        if sbit is not None and 1 <= sbit < 16:
+            return sbit, f"sBIT chunk says {sbit}"
+    top = int(array.max()) if array.size else 0
+    bits = next(b for b in _CANDIDATE_BITS if top < 2**b)
+    if bits == 16:
+        return 16, "container (the data uses the full 16-bit range)"
+    return bits, f"data range: largest value {top} < 2^{bits}, no sBIT chunk"
+
+
+def _png_sbit(path: Path) -> int | None:
+    """The largest significant-bit count of a PNG's sBIT chunk (before the first IDAT), or None."""
+    with open(path, "rb") as fh:
+        fh.read(8)  # signature
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IDAT" or length > 1 << 24:
+                return None
+            data = fh.read(length)
+            fh.read(4)  # CRC
+            if kind == b"sBIT" and data:
+                return max(data)
 
 
 def _exif_orientation(im: Image.Image) -> int | None:

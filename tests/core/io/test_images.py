@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from loupe.core.errors import UnsupportedInputError
@@ -112,3 +113,40 @@ def test_reads_a_real_nih_film(shared_data: Path) -> None:
     path = next((shared_data / "cxr" / "nih14" / "images").glob("*.png"))
     img = read_image(path)
     assert img.array.dtype == np.uint8 and img.array.shape[:2] == (512, 512)
+
+
+def _png16(path: Path, array: np.ndarray, sbit: int | None = None) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if sbit is not None:
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(array.astype(np.uint16)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sbit", "top", "bits", "source"),
+    [(12, 4095, 12, "sBIT"), (None, 4095, 12, "data range"), (None, 1000, 10, "data range"), (None, 65535, 16, "")],
+)
+def test_16_bit_png_with_fewer_significant_bits(tmp_path: Path, sbit, top: int, bits: int, source: str) -> None:
+    """CR/DX exports store 10-14-bit data in 16-bit PNGs: dividing by 65535 would make every film near-black."""
+    array = np.linspace(0, top, 24).reshape(6, 4)
+    img = read_image(_png16(tmp_path / "film.png", array, sbit))
+    assert img.meta["bit_depth"] == bits and img.meta["container_bit_depth"] == 16
+    assert source in img.meta["bit_depth_source"]
+    assert (f"{bits} significant bits" in " ".join(img.meta["pipeline"])) == (bits != 16)
+
+
+def test_12_bit_data_in_a_16_bit_png_scores_as_the_8_bit_film(tmp_path: Path) -> None:
+    from loupe.core.domain import standard_loader
+    from loupe.core.models import WeightSpec
+
+    spec = WeightSpec(name="t", architecture="vit_micro_patch8", input_size=(1, 32, 32), mean=(0.5,), std=(0.25,))
+    film8 = np.linspace(0, 255, 64 * 64).reshape(64, 64).round().astype(np.uint8)
+    Image.fromarray(film8).save(tmp_path / "film8.png")
+    _png16(tmp_path / "film12.png", film8.astype(np.uint32) * 4095 // 255)
+    x8, _ = standard_loader(tmp_path / "film8.png", spec)
+    x12, meta = standard_loader(tmp_path / "film12.png", spec)
+    torch.testing.assert_close(x12, x8, atol=0.02, rtol=0)
+    assert meta["bit_depth"] == 12
