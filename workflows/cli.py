@@ -344,8 +344,8 @@ def _import(path: Path, tag: str) -> Path:
 
     from loupe.core.models.weights import find_weights_file, load_state_dict, tag_path
 
+    dst = tag_path(tag)  # refuses a tag that is not a plain name before anything is read or written
     src = find_weights_file(Path(path))
-    dst = tag_path(tag)
     if dst.exists():
         raise ConfigError(f"{dst} already exists; remove it first if you mean to replace the cached weights of {tag!r}")
     dst.parent.mkdir(parents=True, exist_ok=True)

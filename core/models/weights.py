@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,22 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("LOUPE_OFFLINE") == "1"
 
 
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` itself when it is a plain name (it becomes a folder of the cache), else a `ConfigError`."""
+    if not _TAG.fullmatch(tag or "") or ".." in tag:
+        raise ConfigError(
+            f"weight tag {tag!r} is not a plain name; use 1-100 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit (a tag names a folder inside the weight cache, so no '/', '..' or spaces)"
+        )
+    return tag
+
+
 def tag_path(tag: str) -> Path:
     """Where the cached file of a registered tag lives: ``<weights cache>/<tag>/weights.safetensors``."""
-    return weights_cache_dir() / tag / WEIGHTS_FILE
+    return weights_cache_dir() / check_tag(tag) / WEIGHTS_FILE
 
 
 def resolve_source(source: str) -> Path:

@@ -101,3 +101,18 @@ def test_weights_import_then_refuse_overwrite(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "cache" / "my_tag" / "weights.safetensors").is_file()
     res = runner.invoke(app, ["weights", "import", str(src), "--tag", "my_tag"])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+@pytest.mark.parametrize("tag", ["../escaped", "a/b", "/abs", "..", "", "name with space", "x" * 200])
+def test_weights_import_refuses_tags_that_are_not_plain_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: str
+) -> None:
+    import torch
+
+    monkeypatch.setenv("LOUPE_WEIGHTS_DIR", str(tmp_path / "cache" / "weights"))
+    src = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(2)}, str(src))
+    before = {p for p in tmp_path.rglob("*")}
+    res = runner.invoke(app, ["weights", "import", str(src), "--tag", tag])
+    assert res.exit_code == 2 and "tag" in res.output and "letters, digits" in res.output, res.output
+    assert {p for p in tmp_path.rglob("*")} - before <= {tmp_path / "cache", tmp_path / "cache" / "weights"}
