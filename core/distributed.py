@@ -55,6 +55,13 @@ def init_from_env(device: torch.device | None = None) -> DistInfo:
     return DistInfo(rank, world, local, backend)
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; otherwise the named device (``cpu``, ``cuda``, ``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def device_for(info: DistInfo, requested: torch.device) -> torch.device:
     """The device of this process: ``cuda:LOCAL_RANK`` under DDP on GPUs, else ``requested``."""
     if info.enabled and requested.type == "cuda":

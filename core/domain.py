@@ -1,7 +1,9 @@
-"""What a domain registers about itself: how a file becomes model input, its demo, the files it takes.
+"""What a domain registers about itself: how a file becomes scoring units, how a row becomes a review case, its
+demo and its benchmark inputs.
 
-The CLI (``loupe score``, ``loupe demo``) and the dashboard find domains only through `DOMAINS`, so a new domain
-is a new folder under ``domains/`` that calls `register_domain` on import.
+The CLI (``loupe score``, ``loupe demo``, ``loupe bench``) and the dashboard find domains only through `DOMAINS`,
+so a new domain is a new folder under ``domains/`` (or an installed plugin, see `loupe.core.registry`) that calls
+`register_domain` on import.
 """
 
 from __future__ import annotations
@@ -11,41 +13,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from loupe.core.models.spec import WeightSpec
+from loupe.core.io.identity import Identity, content_identity
 from loupe.core.registry import DOMAINS
-
-# file → (model input [C, H, W], metadata safe to store: no identifiers)
-InputLoader = Callable[[Path, WeightSpec], tuple[torch.Tensor, dict[str, Any]]]
-
-
-def standard_loader(path: Path, spec: WeightSpec) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read any supported file (format sniffed by content), check it is in the model's scope (``spec.modalities``)
-    and apply the spec's preprocessing."""
-    from loupe.core.io import read_any
-    from loupe.core.transforms import ModelInput
-
-    img = read_any(path)
-    spec.check_scope(img.meta, path)
-    array = img.array
-    if array.ndim == 3 and img.meta.get("frames", 1) > 1:  # multi-frame DICOM: score the first frame
-        array = array[0]
-    return ModelInput(spec)(array, img.meta.get("bits_stored") or img.meta.get("bit_depth")), dict(img.meta)
+from loupe.core.units import UnitReader, single_image_units
 
 
 @dataclass(frozen=True)
 class DomainInfo:
+    """A domain's plug-in points; everything but ``name`` and ``description`` has a working default.
+
+    ``read_units(path, spec) -> FileUnits``: one file → its units (default: the whole image, one unit).
+    ``unit_table``: write a unit table beside the predictions (domains whose files have many units).
+    ``content_identity(path) -> Identity``: how a file is recognised on resume (default: full SHA-256 up to 256 MiB,
+    sampled blocks + size + mtime above; see `loupe.core.io.identity`).
+    ``meta_keys``: metadata keys the domain's reader adds that are safe to store (the readers' allowlists cover theirs).
+    ``review_case(row, units, context) -> ReviewCase``: one predictions row → a review case (default:
+    `loupe.core.review.default_case`).
+    ``input_suffixes``: file extensions that claim an input of this domain even when their content is broken
+    (so they become failed rows instead of vanishing); the image/DICOM ones are always included.
+    ``demo_inputs(out_dir) -> folder`` and ``demo_model(work_dir, run=None, fast=False) -> model folder``: the
+    domain's part of ``loupe demo`` (inputs from installed packages; cached pretrained weights, else a small model
+    trained on data the demo can reach, its spec description saying it is a demo model).
+    ``bench_inputs(folder, n) -> list[Path]``: ``n`` realistic inputs for ``loupe bench`` (default: grey PNG films).
+    """
+
     name: str
     description: str
-    load_input: InputLoader = standard_loader
-    # demo_inputs(out_dir) -> folder of sample inputs the product can reach offline (from installed packages)
+    read_units: UnitReader = single_image_units
+    unit_table: bool = False
+    content_identity: Callable[[Path], Identity] = content_identity
+    meta_keys: tuple[str, ...] = ()
+    review_case: Callable[..., Any] | None = None
+    input_suffixes: tuple[str, ...] = ()
     demo_inputs: Callable[[Path], Path] | None = None
-    # demo_model(work_dir, run=None, fast=False) -> a Loupe model folder (weights.safetensors + weight_spec.json):
-    # cached pretrained weights when there are any, else a small model trained on data the demo can reach; its spec
-    # description says it is a demo model. ``run`` (a tracking Run, may be None) receives its metrics/params;
-    # ``fast`` asks for a few training steps only (smoke tests).
     demo_model: Callable[..., Path] | None = None
+    bench_inputs: Callable[[Path, int], list[Path]] | None = None
     default_model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 

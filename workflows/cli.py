@@ -194,7 +194,7 @@ def score_cmd(
     backend: str = typer.Option("local", "--backend", help="local (DataLoader workers) or ray (Ray Data actors)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per batch (and per committed part)."),
     num_workers: int | None = typer.Option(None, "--num-workers", min=0, help="Reader processes [min(4, cpus)]."),
-    explain: bool = typer.Option(False, "--explain", help="Save Grad-CAM overlays (PNG) beside the table."),
+    explain: bool = typer.Option(False, "--explain", help="Save Grad-CAM maps and pictures beside the table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     ray_actors: int = typer.Option(2, "--ray-actors", min=1, help="Ray backend: number of scoring actors."),
     ray_gpus: float = typer.Option(0.0, "--ray-gpus", min=0.0, help="Ray backend: GPUs per actor (0 = CPU actors)."),
@@ -202,8 +202,9 @@ def score_cmd(
     track: bool = typer.Option(True, "--track/--no-track", help="Log the run (table, counts) to MLflow."),
     tracking_uri: str | None = TrackingUri,
 ) -> None:
-    """Score every image / DICOM under --input into one predictions row each. Exit 1 if any input failed."""
-    from loupe.workflows.scoring import RayOptions, ScoreOptions, score
+    """Score every input under --input into one predictions row each (and unit rows where the domain has units).
+    Exit 1 if any input failed."""
+    from loupe.workflows.scoring import RayOptions, ScoreOptions, ScoringInterrupted, score
     from loupe.workflows.scoring.report import progress_bar, render_summary
 
     if resume and overwrite:
@@ -228,6 +229,10 @@ def score_cmd(
     try:
         with progress_bar(err) as (on_start, on_progress):
             summary = score(opts, on_start=on_start, on_progress=on_progress)
+    except ScoringInterrupted as exc:
+        again = f"loupe score {domain} --input {input_path} --model {model} --out {out} --resume"
+        err.print(f"[bold yellow]{exc}[/]\n  {again}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except LoupeError as exc:
         _fail(exc)
     render_summary(summary, console)

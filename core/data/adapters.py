@@ -7,6 +7,7 @@ Paths are relative to the dataset folder given in the docstring; validate with `
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,7 @@ import pandas as pd
 
 from loupe.core.data.manifest import GROUP, PATH
 from loupe.core.io.common import input_error
+from loupe.core.io.sniff import IMAGE_SUFFIXES
 
 NIH_LABELS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -27,7 +29,6 @@ CHEXPERT_LABELS = (
 )  # fmt: skip
 UncertainPolicy = Literal["ones", "zeros", "ignore"]
 _UNCERTAIN = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
 
 
 def _read_csv(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def mimic_cxr_jpg(
     return out
 
 
-def folder_per_class(root: str | Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> pd.DataFrame:
+def folder_per_class(root: str | Path, *, suffixes: Collection[str] = IMAGE_SUFFIXES) -> pd.DataFrame:
     """``root/<class>/<image>`` → manifest with one 1/0 column per class (sub-folder), paths relative to ``root``.
 
     The folders carry no patient id, so each image is its own group: add a real ``group`` column before

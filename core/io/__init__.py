@@ -6,13 +6,27 @@ raises `UnsupportedInputError` naming the file, the problem and the fix. numpy o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from loupe.core.io.common import MAX_PIXELS, LoadedImage, check_pixel_count, input_error
+from loupe.core.io.dicom import SAFE_META_KEYS as dicom_safe_keys
 from loupe.core.io.dicom import read_dicom
+from loupe.core.io.images import SAFE_META_KEYS as image_safe_keys
 from loupe.core.io.images import read_image
-from loupe.core.io.sniff import IMAGE_FORMATS, sniff_bytes, sniff_format
+from loupe.core.io.sniff import IMAGE_FORMATS, IMAGE_SUFFIXES, sniff_bytes, sniff_format
+
+_SAFE_KEYS = {"dicom": dicom_safe_keys, **{fmt: image_safe_keys for fmt in IMAGE_FORMATS}}
+_COMMON_KEYS = frozenset({"source_format", "original_size", "frames", "intensity", "pipeline"})
+
+
+def safe_meta(meta: dict[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
+    """The part of a reader's ``meta`` that may be stored anywhere: the allowlist of the reader that produced it
+    (by ``source_format``) plus ``extra`` keys a domain declares for what it adds (tissue fraction, face score...).
+    Everything else (paths, UIDs, any key nobody has vetted) is left out."""
+    allowed = _SAFE_KEYS.get(str(meta.get("source_format")), _COMMON_KEYS) | frozenset(extra)
+    return {k: v for k, v in meta.items() if k in allowed}
 
 
 def read_any(path: str | Path, **dicom_options: Any) -> LoadedImage:
@@ -30,12 +44,14 @@ def read_any(path: str | Path, **dicom_options: Any) -> LoadedImage:
 
 __all__ = [
     "IMAGE_FORMATS",
+    "IMAGE_SUFFIXES",
     "MAX_PIXELS",
     "LoadedImage",
     "check_pixel_count",
     "read_any",
     "read_dicom",
     "read_image",
+    "safe_meta",
     "sniff_bytes",
     "sniff_format",
 ]

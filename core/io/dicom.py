@@ -56,6 +56,19 @@ _META_TAGS = {
 }
 
 
+#: The metadata keys of `read_dicom` that may be stored (tables, MLflow, review cases): an allowlist, so a key added
+#: later is kept out until someone decides it is not identifying. UIDs and the path are never on it.
+SAFE_META_KEYS = frozenset(
+    {
+        "source_format", "original_size", "frames", "intensity", "pipeline", "photometric_interpretation", "rows",
+        "columns", "samples_per_pixel", "bits_allocated", "bits_stored", "bit_depth", "pixel_representation",
+        "transfer_syntax", "transfer_syntax_name", "compressed", "modality", "view_position", "presentation_intent",
+        "body_part", "patient_sex", "patient_age", "patient_age_years", "pixel_spacing", "pixel_spacing_source",
+        "rescale", "voi", "inverted",
+    }
+)  # fmt: skip
+
+
 def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read and render one DICOM file: modality LUT → VOI (LUT or window) → MONOCHROME1 inversion → [0, 1].
 

@@ -33,6 +33,15 @@ _NATIVE_MODES = {"L", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I
 _CONVERT_TO = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "La": "LA"}
 
 
+#: The metadata keys of `read_image` that may be stored (an allowlist; the path is not on it).
+SAFE_META_KEYS = frozenset(
+    {
+        "source_format", "original_size", "frames", "pages", "mode", "bit_depth", "container_bit_depth",
+        "bit_depth_source", "channels", "color", "exif_orientation", "orientation_applied", "intensity", "pipeline",
+    }
+)  # fmt: skip
+
+
 def read_image(path: str | Path, *, apply_exif: bool = True, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read the first frame of a PNG, JPEG or TIFF file, sniffed by content.
 

@@ -15,6 +15,8 @@ Format = Literal["dicom", "dicom-no-preamble", "png", "jpeg", "tiff", "unknown"]
 
 #: Formats `read_image` decodes; DICOM goes to `read_dicom`.
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "tiff")
+#: File extensions that claim one of the formats the readers handle (DICOM or an image).
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 
 _MAGIC: tuple[tuple[bytes, Format], ...] = (
     (b"\x89PNG\r\n\x1a\n", "png"),

@@ -18,6 +18,7 @@ from loupe.core.models.backbones import (
     TimmViTBackbone,
     create_backbone,
 )
+from loupe.core.models.heads import GatedAttentionMIL, PatchMaskHead
 from loupe.core.models.spec import WeightSpec
 from loupe.core.models.weights import (
     SPEC_FILE,
@@ -58,6 +59,44 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))  # [B, K] logits
 
+    def forward_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named outputs (see `loupe.core.models.heads`): ``logits`` [B, K] and ``embedding`` [B, D]."""
+        tokens = self.forward_features(x)
+        emb = self.backbone.pool(tokens)
+        return {"logits": self.head(self.head_drop(emb)), "embedding": emb}
+
+
+class MaskClassifier(Classifier):
+    """A Classifier that also localises: ``mask_logits`` [B, 1, H, W] from the patch tokens (`PatchMaskHead`)."""
+
+    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0):
+        super().__init__(backbone, num_outputs, head_drop)
+        self.mask_head = PatchMaskHead(backbone)
+
+    def forward_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.forward_features(x)
+        emb = self.backbone.pool(tokens)
+        return {
+            "logits": self.head(self.head_drop(emb)),
+            "embedding": emb,
+            "mask_logits": self.mask_head(tokens, tuple(x.shape[-2:])),
+        }
+
+
+class MILClassifier(Classifier):
+    """Unit logits from the linear head, and the file's logits from a gated-attention MIL head over all unit
+    embeddings (`aggregate_units`), as the spec's ``aggregation: attention`` asks."""
+
+    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0, mil_hidden: int = 128):
+        super().__init__(backbone, num_outputs, head_drop)
+        self.mil = GatedAttentionMIL(backbone.embed_dim, num_outputs, mil_hidden)
+
+    def aggregate_units(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.mil(embeddings)  # {"logits": [K], "attention": [N]}
+
+
+_HEADS = {"linear": Classifier, "mask": MaskClassifier, "mil": MILClassifier}
+
 
 def vit_classifier(
     backbone: str,
@@ -67,12 +106,18 @@ def vit_classifier(
     img_size: int | tuple[int, int] | None = None,
     drop_path_rate: float = 0.0,
     head_drop: float = 0.0,
+    head: str = "linear",
+    mil_hidden: int = 128,
     **backbone_kwargs: Any,
 ) -> Classifier:
     """The generic builder: every knob. Named variants bind sizes and register a name.
 
     ``img_size`` None keeps the architecture's own size (224 for timm ViTs, the config's for open_clip).
+    ``head``: ``linear`` (labels), ``mask`` (labels + a per-pixel mask) or ``mil`` (unit labels + an attention-MIL
+    head over a file's units, ``mil_hidden`` wide).
     """
+    if head not in _HEADS:
+        raise ConfigError(f"head {head!r} is unknown; use one of {sorted(_HEADS)}")
     size = img_size if img_size is None or isinstance(img_size, int) else tuple(img_size)
     kw: dict[str, Any] = dict(in_chans=in_chans, **backbone_kwargs)
     if size is not None:
@@ -83,7 +128,8 @@ def vit_classifier(
         if size[0] != size[1]:
             raise ConfigError(f"open_clip towers need a square input, got img_size={size}")
         kw["img_size"] = size[0]
-    return Classifier(create_backbone(backbone, **kw), num_outputs, head_drop=head_drop)
+    extra = {"mil_hidden": mil_hidden} if head == "mil" else {}
+    return _HEADS[head](create_backbone(backbone, **kw), num_outputs, head_drop=head_drop, **extra)
 
 
 def register_vit(name: str, backbone: str, *, domain: str = "core", **bound: Any) -> None:

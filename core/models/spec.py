@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Task = Literal["multilabel", "multiclass", "binary", "embedding"]
 Layout = Literal["loupe", "timm", "open_clip", "mae"]
+#: Named outputs a model may return (`loupe.core.models.outputs`).
+OUTPUT_KINDS = ("scores", "mask", "embedding", "attention")
+#: How unit results become the file's result: mean / max of unit scores, mean of the top K, or the model's own
+#: attention-MIL head over unit embeddings.
+AGGREGATIONS = ("mean", "max", "topk:K", "attention")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class WeightSpec:
     ``modalities``: the DICOM modalities (``CR``, ``DX``, ...) the model is meant for; a DICOM input of another
     modality is refused by `check_scope` instead of being scored silently wrong. Empty = any input; files
     without a modality (PNG, JPEG, TIFF) are always accepted.
+    ``scope``: further rules on the input's metadata, each ``key: rule`` with rule a list of allowed values, a
+    ``{"min": a, "max": b}`` range, or ``true`` (the key must be present and truthy): a pathology model states
+    ``{"mpp": {"min": 0.2, "max": 0.6}}``, a face model ``{"face_found": true}``. A rule on a key the input's
+    metadata lacks is skipped, except ``true``.
+    ``outputs``: the named outputs the model returns (see `OUTPUT_KINDS`); ``aggregation``: how unit scores make
+    the file's (see `AGGREGATIONS`); ``unit_thresholds``: operating thresholds per label for single units
+    (default: ``thresholds``); ``mask_threshold``: the pixel-probability threshold of a ``mask`` output.
     """
 
     name: str
@@ -57,6 +70,11 @@ class WeightSpec:
     licence: str = "unspecified"
     description: str = ""
     modalities: tuple[str, ...] = ()
+    scope: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ("scores",)
+    aggregation: str = "mean"
+    unit_thresholds: dict[str, float] = field(default_factory=dict)
+    mask_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -70,29 +88,56 @@ class WeightSpec:
             out.append(f"input_size channels must be 1 or 3, got {c}")
         if len(self.mean) != c or len(self.std) != c:
             out.append(f"mean/std need {c} values for {c} channel(s), got {len(self.mean)}/{len(self.std)}")
-        if any(s <= 0 for s in self.std):
+        if not all(math.isfinite(float(v)) for v in (*self.mean, *self.std)):
+            out.append(f"mean/std must be finite numbers, got mean {self.mean}, std {self.std}")
+        elif any(s <= 0 for s in self.std):
             out.append(f"std values must be > 0, got {self.std}")
-        unknown = set(self.thresholds) - set(self.label_names)
-        if unknown:
-            out.append(f"thresholds name labels that are not in label_names: {sorted(unknown)}")
-        for k, v in self.thresholds.items():
-            if not 0.0 <= float(v) <= 1.0:
-                out.append(f"threshold for {k!r} must be a probability in [0, 1], got {v}")
+        for name, table in (("thresholds", self.thresholds), ("unit_thresholds", self.unit_thresholds)):
+            unknown = set(table) - set(self.label_names)
+            if unknown:
+                out.append(f"{name} name labels that are not in label_names: {sorted(unknown)}")
+            for k, v in table.items():
+                if not 0.0 <= float(v) <= 1.0:
+                    out.append(f"{name[:-1]} for {k!r} must be a probability in [0, 1], got {v}")
         bad = [m for m in self.modalities if not (isinstance(m, str) and m.isalnum() and m.isupper())]
         if bad:
             out.append(f"modalities must be DICOM modality codes in capitals (CR, DX, CT, ...), got {bad}")
+        return out + self._output_problems() + [p for k, r in self.scope.items() if (p := _rule_problem(k, r))]
+
+    def _output_problems(self) -> list[str]:
+        out = []
+        unknown = [o for o in self.outputs if o not in OUTPUT_KINDS]
+        if unknown:
+            out.append(f"outputs {unknown} are unknown; a model may return {list(OUTPUT_KINDS)}")
+        if self.task != "embedding" and "scores" not in self.outputs:
+            out.append(f"outputs must include 'scores' for a {self.task} model, got {list(self.outputs)}")
+        agg = self.aggregation
+        k = agg.removeprefix("topk:")
+        if agg not in ("mean", "max", "attention") and not (agg.startswith("topk:") and k.isdigit() and int(k) > 0):
+            out.append(f"aggregation {agg!r} is unknown; use one of {list(AGGREGATIONS)} (K a whole number >= 1)")
+        if agg == "attention" and "attention" not in self.outputs:
+            out.append("aggregation 'attention' needs a model with an 'attention' output (an attention-MIL head)")
+        if not 0.0 < float(self.mask_threshold) < 1.0:
+            out.append(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         return out
 
     def check_scope(self, meta: dict[str, Any], path: str | Path) -> None:
-        """Refuse a DICOM input whose modality is outside ``modalities`` (`UnsupportedInputError`)."""
+        """Refuse an input outside the model's scope (`UnsupportedInputError`): a DICOM modality not in
+        ``modalities``, or metadata breaking a ``scope`` rule."""
         modality = str(meta.get("modality") or "").upper()
-        if not self.modalities or not modality or modality in self.modalities:
-            return
-        raise UnsupportedInputError(
-            f"{path}: DICOM modality {modality} is outside the scope of model {self.name!r}, which is meant for "
-            f"{', '.join(self.modalities)} images; score it with a model made for {modality}, or, if this model "
-            f"really applies, add {modality!r} to 'modalities' in its weight_spec.json"
-        )
+        if self.modalities and modality and modality not in self.modalities:
+            raise UnsupportedInputError(
+                f"{path}: DICOM modality {modality} is outside the scope of model {self.name!r}, which is meant for "
+                f"{', '.join(self.modalities)} images; score it with a model made for {modality}, or, if this model "
+                f"really applies, add {modality!r} to 'modalities' in its weight_spec.json"
+            )
+        for key, rule in self.scope.items():
+            broken = _rule_broken(key, rule, meta)
+            if broken:
+                raise UnsupportedInputError(
+                    f"{path}: {broken}, outside the scope of model {self.name!r} (its weight spec's scope says "
+                    f"{key}: {json.dumps(rule)}); score it with a model made for such inputs"
+                )
 
     @property
     def in_chans(self) -> int:
@@ -107,7 +152,7 @@ class WeightSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("input_size", "mean", "std", "label_names", "modalities"):
+        for k in _TUPLE_FIELDS:
             d[k] = list(d[k])
         return d
 
@@ -118,7 +163,7 @@ class WeightSpec:
         if unknown:
             raise ConfigError(f"weight spec has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
         d = dict(d)
-        for k in ("input_size", "mean", "std", "label_names", "modalities"):
+        for k in _TUPLE_FIELDS:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -141,3 +186,33 @@ class WeightSpec:
     def preprocessing_hash(self) -> str:
         blob = json.dumps(self.preprocessing(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_TUPLE_FIELDS = ("input_size", "mean", "std", "label_names", "modalities", "outputs")
+
+
+def _rule_problem(key: str, rule: Any) -> str | None:
+    """Why a ``scope`` rule is malformed, or None."""
+    if rule is True or (isinstance(rule, list) and rule):
+        return None
+    if isinstance(rule, dict) and set(rule) <= {"min", "max"} and rule:
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in rule.values()):
+            return None
+    return f"scope rule {key!r}: expected a non-empty list of values, {{'min': a, 'max': b}} or true, got {rule!r}"
+
+
+def _rule_broken(key: str, rule: Any, meta: dict[str, Any]) -> str | None:
+    """How ``meta`` breaks the rule, or None when it keeps it."""
+    value = meta.get(key)
+    if rule is True:
+        return None if value else f"{key} is {'missing' if value is None else repr(value)}"
+    if value is None:
+        return None
+    if isinstance(rule, list):
+        return None if value in rule else f"{key} is {value!r}, not one of {rule}"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return f"{key} is {value!r}, not a number"
+    lo, hi = rule.get("min", -math.inf), rule.get("max", math.inf)
+    return None if lo <= v <= hi else f"{key} is {v:g}, outside [{lo:g}, {hi:g}]"

@@ -9,7 +9,6 @@ that the layout does not explain is an error, and the explained ones are returne
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import os
 import pickle
@@ -177,14 +176,6 @@ def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     if sd and all(k.startswith(prefix) for k in sd):
         return {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
-
-
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:limit] if limit else h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- fitting keys

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.models.classifier import load_model_dir
-from loupe.core.recipes import Recipe, RunConfig, pick_device, register_recipe
+from loupe.core.recipes import Recipe, RunConfig, register_recipe
 from loupe.core.registry import LABEL_SETS
 from loupe.domains.cxr.common import build_split, make_loader, output_dir, predict, temp_dir, tracked_run
 from loupe.domains.cxr.data import DataConfig

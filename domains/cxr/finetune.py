@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from loupe.core import distributed as dist
+from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.models.classifier import build_model, save_model
 from loupe.core.optim import WarmupCosine, adamw, param_groups
-from loupe.core.recipes import Recipe, RunConfig, pick_device, register_recipe
+from loupe.core.recipes import Recipe, RunConfig, register_recipe
 from loupe.core.training import LoopConfig, Trainer
 from loupe.domains.cxr.common import (
     ModelConfig,

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from loupe.core import distributed as dist
+from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.optim import WarmupCosine, adamw, param_groups
-from loupe.core.recipes import Recipe, RunConfig, pick_device, register_recipe
+from loupe.core.recipes import Recipe, RunConfig, register_recipe
 from loupe.core.registry import MODELS
 from loupe.core.training import LoopConfig, Trainer, unwrap
 from loupe.domains.cxr.common import build_split, make_loader, output_dir, tracked_run

@@ -1,9 +1,10 @@
-"""Batch scoring: a folder or manifest → a Parquet predictions table, resumable, locally or on Ray Data."""
+"""Batch scoring: a folder or manifest → a Parquet predictions table (and a unit table), resumable, locally or on
+Ray Data."""
 
-from loupe.workflows.scoring.api import ScoreOptions, ScoreSummary, score
+from loupe.workflows.scoring.api import ScoreOptions, ScoreSummary, ScoringInterrupted, score
 from loupe.workflows.scoring.backends import RayOptions
 from loupe.workflows.scoring.model import Provenance, ResolvedModel, resolve_model
-from loupe.workflows.scoring.table import VOLATILE_COLUMNS, table_schema
+from loupe.workflows.scoring.table import VOLATILE_COLUMNS, table_schema, unit_schema, units_path
 
 __all__ = [
     "VOLATILE_COLUMNS",
@@ -12,7 +13,10 @@ __all__ = [
     "ResolvedModel",
     "ScoreOptions",
     "ScoreSummary",
+    "ScoringInterrupted",
     "resolve_model",
     "score",
     "table_schema",
+    "unit_schema",
+    "units_path",
 ]

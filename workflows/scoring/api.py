@@ -1,11 +1,12 @@
-"""`score`: one call from a folder or manifest to a predictions table, tracked as an MLflow run.
+"""`score`: one call from a folder or manifest to a predictions table (and a unit table), tracked in MLflow.
 
 Library code: no printing. The CLI passes ``on_start`` / ``on_progress`` callbacks to draw its progress bar and
-prints the returned `ScoreSummary`.
+prints the returned `ScoreSummary`; an interrupted run raises `ScoringInterrupted` with what was kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -14,22 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
+from loupe.core.distributed import pick_device
+from loupe.core.domain import DomainInfo
+from loupe.core.errors import LoupeError
+from loupe.core.io.sniff import IMAGE_SUFFIXES
 from loupe.core.registry import DOMAINS, discover_domains
 from loupe.core.tracking import NullTracker, Tracker, make_tracker
-from loupe.workflows.scoring.backends import BatchResult, RayOptions, run_local, run_ray
-from loupe.workflows.scoring.engine import BatchScorer
+from loupe.workflows.scoring.backends import BatchResult, RayOptions, build_engine, run_local, run_ray
 from loupe.workflows.scoring.inputs import InputList, collect_inputs
 from loupe.workflows.scoring.model import ResolvedModel, resolve_model
-from loupe.workflows.scoring.table import Mode, PartsTable, table_schema
+from loupe.workflows.scoring.produce import Producer
+from loupe.workflows.scoring.table import Mode, PartsTable, table_schema, unit_schema
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "loupe-scoring"
+Progress = Callable[[int, int, int], None]  # (inputs done, of them failed, of them resumed)
 
 
 def default_workers() -> int:
@@ -69,15 +73,19 @@ class ScoreSummary:
     scored_failed: int = 0
     rows_ok: int = 0
     rows_failed: int = 0
+    units_ok: int = 0
+    units_failed: int = 0
     seconds: float = 0.0
     run_id: str | None = None
     tracking_uri: str | None = None
-    explain_dir: Path | None = None
+    units_out: Path | None = None
+    artifacts_dir: Path | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, status)
     model: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
+        """Inputs scored per second by this run (inputs an earlier run had scored are not counted)."""
         n = self.scored_ok + self.scored_failed
         return n / self.seconds if self.seconds > 0 else 0.0
 
@@ -86,119 +94,145 @@ class ScoreSummary:
         return 1 if self.rows_failed else 0
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class ScoringInterrupted(LoupeError):
+    """Ctrl-C / SIGTERM during scoring; ``summary`` says what was committed before it."""
+
+    def __init__(self, summary: ScoreSummary, parts_dir: Path):
+        self.summary, self.parts_dir = summary, parts_dir
+        done = summary.scored_ok + summary.scored_failed
+        super().__init__(
+            f"interrupted: {done} inputs scored by this run are kept in {parts_dir} "
+            f"({summary.resumed} more were already scored); run the same command with --resume to finish"
+        )
 
 
 def _trackers(opts: ScoreOptions) -> tuple[Tracker | None, Tracker]:
-    """(tracker for resolving models:/ URIs, tracker for logging the run)."""
+    """(tracker for resolving models:/ URIs, tracker for logging the run); MLflow is set up only when needed."""
     needs_registry = opts.model.startswith(("models:/", "runs:/"))
     real = make_tracker(opts.tracking_uri) if (opts.track or needs_registry) else None
     return real, (real if opts.track and real is not None else NullTracker())
 
 
-def score(
-    opts: ScoreOptions,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> ScoreSummary:
+def score(opts: ScoreOptions, on_start: Callable[[int], None] | None = None, on_progress: Progress | None = None):
     """Score every input of ``opts.input`` into ``opts.out``; see the module and `ScoreOptions`."""
     discover_domains()
-    DOMAINS.get(opts.domain)  # unknown domain → UnknownNameError with suggestions
+    info: DomainInfo = DOMAINS.get(opts.domain)  # unknown domain → UnknownNameError with suggestions
+    suffixes = IMAGE_SUFFIXES | {s.lower() for s in info.input_suffixes}
+    out = Path(opts.out).expanduser().resolve()
+    exclude = [out.with_name(out.name + s) for s in (".parts", ".artifacts", ".explain")]
+    inputs = collect_inputs(opts.input, exclude=exclude, suffixes=suffixes)  # no inputs: usage error, at once
+    PartsTable(out, table_schema((), str(inputs.root))).check(opts.mode)  # refused before the model is loaded
     registry, tracker = _trackers(opts)
     resolved = resolve_model(opts.model, opts.domain, registry)
     try:
-        return _score_resolved(opts, resolved, tracker, on_start, on_progress)
+        return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
     finally:
         resolved.close()
 
 
 def _score_resolved(
     opts: ScoreOptions,
+    info: DomainInfo,
+    inputs: InputList,
     rm: ResolvedModel,
     tracker: Tracker,
     on_start: Callable[[int], None] | None,
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: Progress | None,
 ) -> ScoreSummary:
-    schema = table_schema(rm.spec.label_names)
-    table = PartsTable(opts.out, schema)
+    root = str(inputs.root)
+    labels = rm.spec.label_names
+    table = PartsTable(opts.out, table_schema(labels, root), unit_schema(labels, root) if info.unit_table else None)
     table.prepare(opts.mode)
-    inputs = collect_inputs(opts.input, exclude=(table.parts_dir, table.explain_dir))
-    done = table.done_keys(rm.provenance.weights_sha256, rm.provenance.preprocessing_hash)
+    provenance = {**rm.provenance.to_dict(), "aggregation": rm.spec.aggregation}
+    done = table.done_keys(provenance)
     summary = ScoreSummary(out=table.out, inputs=len(inputs.paths), not_images=inputs.skipped)
     summary.model = rm.provenance.to_dict()
     summary.tracking_uri = getattr(tracker, "uri", None)
     if on_start:
         on_start(len(inputs.paths))
     tags = {"domain": opts.domain, "model": rm.provenance.model_name, "backend": opts.backend, **opts.tags}
-    with tracker.run(f"score-{opts.domain}", experiment=opts.experiment, tags=tags) as run:
-        summary.run_id = run.run_id
-        run.log_params(_params(opts, rm, inputs, len(done)))
-        t0 = time.perf_counter()
-        for result in _batches(opts, rm, table, inputs.paths, done, schema):
-            _commit(table, result, summary, on_progress)
-        summary.seconds = time.perf_counter() - t0
-        summary.rows_ok, summary.rows_failed = _finalize(table, inputs.paths)
-        if opts.explain:
-            summary.explain_dir = table.explain_dir
-        run.log_metrics(_metrics(summary))
-        run.log_artifact(table.out, "predictions")
+    try:
+        with tracker.run(f"score-{opts.domain}", experiment=opts.experiment, tags=tags) as run:
+            summary.run_id = run.run_id
+            run.log_params(_params(opts, rm, inputs, len(done)))
+            t0 = time.perf_counter()
+            for result in _batches(opts, info, rm, table, inputs, done):
+                _commit(table, result, summary, on_progress)
+            summary.seconds = time.perf_counter() - t0
+            _finalize(table, inputs, summary)
+            run.log_metrics(_metrics(summary))
+            run.log_artifact(table.out, "predictions")
+            if summary.units_out is not None:
+                run.log_artifact(summary.units_out, "predictions")
+    except KeyboardInterrupt:
+        raise ScoringInterrupted(summary, table.parts_dir) from None
     return summary
 
 
 def _batches(
-    opts: ScoreOptions, rm: ResolvedModel, table: PartsTable, paths: list[str], done: set[str], schema: pa.Schema
+    opts: ScoreOptions, info: DomainInfo, rm: ResolvedModel, table: PartsTable, inputs: InputList, done: set[str]
 ) -> Iterator[BatchResult]:
-    device = _device(opts.device)
-    explainer = None
-    if opts.explain and opts.backend == "local":
-        from loupe.workflows.scoring.explain import ViTGradCAM
-
-        explainer = ViTGradCAM(rm.model, rm.spec, table.explain_dir, device)
-    scorer = BatchScorer(rm.model, rm.spec, rm.provenance, device, explainer)
+    schemas = (table.schema, table.unit_schema)
+    provenance = {**rm.provenance.to_dict(), "out_name": table.out.name}
+    producer = {"root": str(inputs.root), "done": frozenset(done), "batch_size": opts.batch_size}
     if opts.backend == "ray":
-        explain_dir = table.explain_dir if opts.explain else None
-        return run_ray(paths, scorer, rm.model_dir, opts.domain, done, opts.batch_size, schema, explain_dir, opts.ray)
+        ray_kwargs = {"model_dir": str(rm.model_dir), "provenance": provenance, "domain": opts.domain,
+                      "producer": producer, "explain": opts.explain, "table_dir": str(table.out.parent)}  # fmt: skip
+        return run_ray(inputs.paths, ray_kwargs, opts.batch_size, schemas, opts.ray)
+    device = pick_device(opts.device)
+    scorer, assembler = build_engine(rm.model, rm.spec, provenance, device, opts.explain, table.out.parent,
+                                     info.unit_table)  # fmt: skip
+    prod = Producer(read_units=info.read_units, identity=info.content_identity, spec=rm.spec,
+                    meta_keys=info.meta_keys, **producer)  # fmt: skip
     workers = default_workers() if opts.num_workers is None else opts.num_workers
-    return run_local(paths, scorer, opts.domain, done, opts.batch_size, workers)
+    return run_local(inputs.paths, prod, scorer, assembler, schemas, workers)
 
 
-def _commit(
-    table: PartsTable, result: BatchResult, summary: ScoreSummary, on_progress: Callable[[int, int], None] | None
-) -> None:
+def _commit(table: PartsTable, result: BatchResult, summary: ScoreSummary, on_progress: Progress | None) -> None:
     """Write one batch as a part, then count it (a row is only counted once it is committed)."""
-    rows = result.rows
-    if isinstance(rows, pa.Table):
-        statuses = rows.column("status").to_pylist()
-        paths = rows.column("path").to_pylist()
-        table.write_arrow(rows)
-    else:
-        statuses = [r["status"] for r in rows]
-        paths = [r["path"] for r in rows]
-        table.write_part(rows)
+    table.write(result.batch)
+    files = result.batch.files
+    statuses, paths = files.column("status").to_pylist(), files.column("path").to_pylist()
     failed = [(p, s) for p, s in zip(paths, statuses, strict=True) if s != "ok"]
     summary.scored_failed += len(failed)
     summary.scored_ok += len(statuses) - len(failed)
-    summary.resumed += result.n_inputs - len(statuses)
+    summary.resumed += result.n_resumed
     summary.failures += failed[: max(0, 10 - len(summary.failures))]
+    if result.batch.units is not None:
+        n_ok = int(pc.sum(pc.equal(result.batch.units.column("status"), "ok")).as_py() or 0)
+        summary.units_ok += n_ok
+        summary.units_failed += result.batch.units.num_rows - n_ok
     if on_progress:
-        on_progress(result.n_inputs, len(failed))
+        on_progress(result.n_inputs, len(failed), result.n_resumed)
 
 
-def _finalize(table: PartsTable, paths: list[str]) -> tuple[int, int]:
-    table.finalize(set(paths))
+def _finalize(table: PartsTable, inputs: InputList, summary: ScoreSummary) -> None:
+    table.finalize({inputs.relative(p) for p in inputs.paths})
     status = pq.read_table(table.out, columns=["status"]).column("status")
-    ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-    return ok, len(status) - ok
+    summary.rows_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+    summary.rows_failed = len(status) - summary.rows_ok
+    if table.unit_schema is not None and table.units_out.is_file():
+        summary.units_out = table.units_out
+    if table.artifacts_dir.is_dir():
+        summary.artifacts_dir = table.artifacts_dir
+
+
+def _anonymous(text: str) -> str:
+    """A stable short name for a path that must not be logged (a folder may be named after a patient)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def _params(opts: ScoreOptions, rm: ResolvedModel, inputs: InputList, n_done: int) -> dict[str, Any]:
+    source = rm.provenance.model_source
+    if source.startswith(("local-dir:", "file:")):  # a folder of the user's, by name only
+        source = f"{source.partition(':')[0]}:…/{Path(source.partition(':')[2]).name}"
     return {
         **rm.provenance.to_dict(),
-        "input": inputs.source,
-        "out": str(opts.out),
+        "model_source": source,
+        "aggregation": rm.spec.aggregation,
+        "input_kind": inputs.kind,
+        "input_id": _anonymous(str(inputs.root)),
+        "out_name": Path(opts.out).name,
         "backend": opts.backend,
         "batch_size": opts.batch_size,
         "num_workers": opts.num_workers if opts.num_workers is not None else default_workers(),
@@ -210,7 +244,7 @@ def _params(opts: ScoreOptions, rm: ResolvedModel, inputs: InputList, n_done: in
 
 
 def _metrics(s: ScoreSummary) -> dict[str, float]:
-    return {
+    out = {
         "inputs": s.inputs,
         "not_images": s.not_images,
         "resumed": s.resumed,
@@ -221,3 +255,6 @@ def _metrics(s: ScoreSummary) -> dict[str, float]:
         "seconds": s.seconds,
         "images_per_s": s.images_per_s,
     }
+    if s.units_out is not None:
+        out |= {"units_ok": s.units_ok, "units_failed": s.units_failed}
+    return out

@@ -1,7 +1,8 @@
 """Two ways to run the same scoring path: a local DataLoader with worker processes, or Ray Data actors.
 
-Both yield batches of rows built by `BatchScorer`, so the tables they produce are the same. Neither keeps rows or
-tensors beyond the batch in flight: memory stays flat over any number of inputs.
+Both read with `produce_packets`, forward with `Scorer` and build rows with `Assembler`, so the tables they
+produce are the same. Neither keeps rows or tensors beyond the batch in flight: memory stays flat over any
+number of inputs, and over any number of units in one file.
 """
 
 from __future__ import annotations
@@ -16,109 +17,143 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from loupe.core.models import WeightSpec
-from loupe.core.registry import DOMAINS
-from loupe.workflows.scoring.engine import BatchScorer, collate_items, load_item
-from loupe.workflows.scoring.table import rows_to_table
+from loupe.workflows.scoring.engine import Assembler, Scorer
+from loupe.workflows.scoring.produce import Packet, Producer, produce_packets
+from loupe.workflows.scoring.table import Batch, rows_to_table
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "__skipped__"  # status of a marker row the Ray actors return for inputs already scored
+UNITS = "__units__"  # column of the Ray actors' tables: each file's unit rows as Arrow IPC bytes
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One scored batch: its rows (skipped inputs have none) and how many inputs it covered."""
+    """One scored batch: its rows (skipped inputs have none), how many inputs it covered and how many of them an
+    earlier run had already scored."""
 
-    rows: pa.Table | list[dict[str, Any]]
+    batch: Batch
     n_inputs: int
+    n_resumed: int
+
+
+def score_packet(packet: Packet, scorer: Scorer, assembler: Assembler) -> tuple[list[dict], list[dict]]:
+    out = scorer(packet.images) if packet.images is not None else None
+    return assembler.add(packet, out)
 
 
 # ------------------------------------------------------------------------------------------------------ local
-class InputDataset(Dataset):
-    """Paths → `Item`s; runs in DataLoader workers, so reading and preprocessing stay off the model's process."""
+class PacketStream(IterableDataset):
+    """Packets of the paths assigned to this DataLoader worker (worker k of W takes files k, k+W, ...)."""
 
-    def __init__(self, paths: list[str], domain: str, spec: WeightSpec, done: set[str]):
+    def __init__(self, paths: list[str], producer: Producer):
         # one UTF-8 buffer: no per-string objects whose refcounts would copy pages into every worker
         self.paths = np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=np.bytes_)
-        self.loader = DOMAINS.get(domain).load_input
-        self.spec = spec
-        self.done = frozenset(done)
+        self.producer = producer
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Any:
-        path = self.paths[i].decode("utf-8", "surrogateescape")
-        return load_item(path, self.loader, self.spec, self.done)
+    def __iter__(self) -> Iterator[Packet]:
+        info = get_worker_info()
+        mine = self.paths if info is None else self.paths[info.id :: info.num_workers]
+        return produce_packets(self.producer, [p.decode("utf-8", "surrogateescape") for p in mine])
 
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the model's process keeps the cores for matmuls
 
 
+def _as_is(packet: Packet) -> Packet:
+    return packet
+
+
 def run_local(
     paths: list[str],
-    scorer: BatchScorer,
-    domain: str,
-    done: set[str],
-    batch_size: int,
+    producer: Producer,
+    scorer: Scorer,
+    assembler: Assembler,
+    schemas: tuple[pa.Schema, pa.Schema | None],
     num_workers: int,
 ) -> Iterator[BatchResult]:
-    """Score ``paths`` in order with a DataLoader (``num_workers`` processes); one result per batch."""
-    ds = InputDataset(paths, domain, scorer.spec, done)
+    """Score ``paths`` with a DataLoader (``num_workers`` processes); one result per packet."""
     loader = DataLoader(
-        ds,
-        batch_size=batch_size,
+        PacketStream(paths, producer),
+        batch_size=None,
         num_workers=num_workers,
-        collate_fn=collate_items,
+        collate_fn=_as_is,
         worker_init_fn=_init_worker if num_workers else None,
         prefetch_factor=2 if num_workers else None,
         pin_memory=scorer.device.type == "cuda",
     )
-    for items, images in loader:
-        yield BatchResult(scorer(items, images), len(items))
+    for packet in loader:
+        files, units = score_packet(packet, scorer, assembler)
+        yield _result(files, units, packet, schemas)
+
+
+def _result(files: list[dict], units: list[dict], packet: Packet, schemas) -> BatchResult:
+    file_schema, unit_schema = schemas
+    unit_table = rows_to_table(units, unit_schema) if units and unit_schema is not None else None
+    resumed = sum(1 for f in packet.files if f.skipped)
+    return BatchResult(Batch(rows_to_table(files, file_schema), unit_table), packet.n_inputs, resumed)
 
 
 # -------------------------------------------------------------------------------------------------------- ray
 class RayScorer:
-    """Ray Data callable class (one per actor): loads the model once, then scores batches of paths."""
+    """Ray Data callable class (one per actor): loads the model once, then scores batches of paths whole."""
 
-    def __init__(
-        self,
-        model_dir: str,
-        provenance: dict[str, str],
-        domain: str,
-        done: set[str],
-        explain_dir: str | None,
-        device: str,
-        schema: pa.Schema,
-    ):
+    def __init__(self, model_dir: str, provenance: dict[str, str], domain: str, producer: dict[str, Any],
+                 explain: bool, table_dir: str, device: str, schemas: tuple[pa.Schema, pa.Schema | None]):  # fmt: skip
         from loupe.core.models import load_model_dir
-        from loupe.core.registry import discover_domains
-        from loupe.workflows.scoring.model import Provenance
+        from loupe.core.registry import DOMAINS, discover_domains
 
         discover_domains()
         torch.set_num_threads(1)
         model, spec = load_model_dir(model_dir)
-        explainer = None
-        if explain_dir:
-            from loupe.workflows.scoring.explain import ViTGradCAM
-
-            explainer = ViTGradCAM(model, spec, explain_dir, device)
-        self.scorer = BatchScorer(model, spec, Provenance(**provenance), device, explainer)
-        self.loader = DOMAINS.get(domain).load_input
-        self.done = frozenset(done)
-        self.schema = schema
+        info = DOMAINS.get(domain)
+        self.producer = Producer(read_units=info.read_units, identity=info.content_identity, spec=spec,
+                                 meta_keys=info.meta_keys, **producer)  # fmt: skip
+        self.scorer, self.assembler = build_engine(model, spec, provenance, device, explain, Path(table_dir),
+                                                   info.unit_table)  # fmt: skip
+        self.schemas = schemas
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        items = [load_item(p, self.loader, self.scorer.spec, self.done) for p in batch.column("path").to_pylist()]
-        skipped = [it for it in items if it.skipped]
-        rows = self.scorer(*collate_items(items))
-        rows += [{"path": it.path, "status": SKIPPED} for it in skipped]
-        return rows_to_table(rows, self.schema)
+        paths = batch.column("path").to_pylist()
+        file_schema, unit_schema = self.schemas
+        rows: list[dict[str, Any]] = []
+        for packet in produce_packets(self.producer, paths):
+            files, units = score_packet(packet, self.scorer, self.assembler)
+            for f in files:
+                mine = [u for u in units if u["path"] == f["path"]]
+                f[UNITS] = _ipc(rows_to_table(mine, unit_schema)) if mine and unit_schema is not None else None
+            rows += files
+            rows += [{"path": f.path, "status": SKIPPED} for f in packet.files if f.skipped]
+        return rows_to_table(rows, file_schema.append(pa.field(UNITS, pa.binary())))
+
+
+def build_engine(model, spec, provenance, device, explain: bool, table_dir: Path, keep_units: bool):
+    """The `Scorer` and `Assembler` of one scoring process (the driver or a Ray actor)."""
+    explainer = None
+    if explain:
+        from loupe.workflows.scoring.explain import ViTGradCAM
+
+        explainer = ViTGradCAM(model, spec, device)
+    scorer = Scorer(model, spec, device, explainer)
+    artifacts_dir = table_dir / f"{provenance['out_name']}.artifacts"
+    base = {k: v for k, v in provenance.items() if k != "out_name"}
+    assembler = Assembler(spec, base, model=scorer.model, table_dir=table_dir, artifacts_dir=artifacts_dir,
+                          keep_units=keep_units, explainer=explainer)  # fmt: skip
+    return scorer, assembler
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
 
 
 @dataclass(frozen=True)
@@ -130,13 +165,9 @@ class RayOptions:
 
 def run_ray(
     paths: list[str],
-    scorer: BatchScorer,
-    model_dir: Path,
-    domain: str,
-    done: set[str],
+    ray_kwargs: dict[str, Any],
     batch_size: int,
-    schema: pa.Schema,
-    explain_dir: Path | None,
+    schemas: tuple[pa.Schema, pa.Schema | None],
     opts: RayOptions,
 ) -> Iterator[BatchResult]:
     """Score ``paths`` on Ray Data: ``map_batches`` over an actor pool, results streamed back in input order."""
@@ -151,22 +182,19 @@ def run_ray(
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, -(-len(paths) // batch_size)))
     out = ds.map_batches(
         RayScorer,
-        fn_constructor_kwargs={
-            "model_dir": str(model_dir),
-            "provenance": {k: v for k, v in scorer.base.items()},
-            "domain": domain,
-            "done": done,
-            "explain_dir": str(explain_dir) if explain_dir else None,
-            "device": "cuda" if opts.gpus_per_actor > 0 else "cpu",
-            "schema": schema,
-        },
+        fn_constructor_kwargs={**ray_kwargs, "schemas": schemas, "device": "cuda" if opts.gpus_per_actor else "cpu"},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=opts.actors,
         num_cpus=1 if opts.gpus_per_actor == 0 else 0,
         num_gpus=opts.gpus_per_actor,
     )
+    file_schema, unit_schema = schemas
     for table in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         n = table.num_rows
-        keep = pc.not_equal(table.column("status"), SKIPPED)
-        yield BatchResult(table.filter(keep), n)
+        skipped = pc.equal(table.column("status"), SKIPPED)
+        kept = table.filter(pc.invert(skipped))
+        blobs = [b for b in kept.column(UNITS).to_pylist() if b]
+        units = pa.concat_tables([_from_ipc(b) for b in blobs]) if blobs and unit_schema is not None else None
+        files = kept.drop_columns([UNITS]).select(file_schema.names).cast(file_schema)
+        yield BatchResult(Batch(files, units), n, n - kept.num_rows)

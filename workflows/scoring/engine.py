@@ -1,184 +1,268 @@
-"""The scoring path shared by both backends: read one input (in a worker), score a batch, build the rows.
+"""The model side of scoring, shared by both backends: forward a packet's units, then assemble file and unit rows.
 
-`load_item` runs where the data is read (DataLoader worker or Ray actor) and never raises for a bad file: the
-failure becomes the item's status. `BatchScorer` runs the model on the readable items of a batch and turns every
-item, readable or not, into exactly one predictions row.
+`Scorer` runs the model on a packet's images and returns its named outputs as unit results (scores, masks,
+embeddings, Grad-CAM maps). `Assembler` collects unit results per file and, when a file's `FileRecord` arrives,
+aggregates them as the model's spec says (mean / max / top-k, or the model's attention-MIL head), applies the
+stored thresholds per label and level, writes the file's artifacts, and returns exactly one file row (plus its
+unit rows when the domain keeps a unit table). A failed unit is a failed unit row; a file whose units all failed,
+or that failed itself, is a failed file row.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from loupe.core.errors import LoupeError
-from loupe.core.models import Classifier, WeightSpec
-from loupe.workflows.scoring.model import Provenance
+from loupe.core.models import WeightSpec
+from loupe.core.models.heads import aggregate_scores, model_outputs, to_scores
+from loupe.core.units import UnitInfo
+from loupe.workflows.scoring import artifacts as art
+from loupe.workflows.scoring.produce import FileRecord, Packet
 from loupe.workflows.scoring.table import decision_column, score_column
 
 DEFAULT_THRESHOLD = 0.5
-#: Reader metadata keys that could identify a patient or a study; they never reach the table, logs or MLflow.
-_IDENTIFYING = re.compile(r"uid|patient_(id|name)|name_of|birth|accession|institution|physician|operator|date|^path$")
 
 
-@dataclass
-class Item:
-    """One input after reading: its model tensor ``[C, H, W]`` (None when unreadable or already scored)."""
-
-    path: str
-    sha256: str | None
-    image: torch.Tensor | None
-    status: str
-    meta_json: str | None
-    read_ms: float
-    skipped: bool = False
-
-
-def content_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def safe_meta(meta: dict[str, Any]) -> str:
-    """The reader's metadata minus anything identifying, as compact JSON (non-JSON values as strings)."""
-    kept = {k: v for k, v in meta.items() if not _IDENTIFYING.search(k.lower())}
-    return json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
-
-
-def failure_reason(exc: BaseException, path: str = "") -> str:
-    """One line for the ``status`` column: a LoupeError's own message (minus the path the row already has), else
-    the exception type and message."""
-    msg = str(exc) if isinstance(exc, LoupeError) else f"{type(exc).__name__}: {exc}"
-    msg = msg.removeprefix(f"{path}: ") if path else msg
-    return " ".join(msg.split())[:500]
-
-
-def load_item(
-    path: str,
-    loader: Callable[[Path, WeightSpec], tuple[torch.Tensor, dict[str, Any]]],
-    spec: WeightSpec,
-    done: frozenset[str] | set[str] = frozenset(),
-) -> Item:
-    """Hash, then (unless already scored) read and preprocess ``path``; failures become ``failed: reason``."""
-    t0 = time.perf_counter()
-    sha = None
-    try:
-        sha = content_sha256(path)
-        if f"{path}\0{sha}" in done:
-            return Item(path, sha, None, "ok", None, 0.0, skipped=True)
-        image, meta = loader(Path(path), spec)
-        expected = tuple(spec.input_size)
-        if tuple(image.shape) != expected:
-            raise LoupeError(f"preprocessing produced shape {tuple(image.shape)}, the model expects {expected}")
-        return Item(path, sha, image.float().contiguous(), "ok", safe_meta(meta), _ms(t0))
-    except Exception as exc:  # noqa: BLE001 - a bad input is a row, never the end of the batch
-        return Item(path, sha, None, f"failed: {failure_reason(exc, path)}", None, _ms(t0))
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0
-
-
-def collate_items(items: list[Item]) -> tuple[list[Item], torch.Tensor | None]:
-    """Keep every item (failed ones too) and stack the readable images  # [B_ok, C, H, W]."""
-    images = [it.image for it in items if it.image is not None]
-    stacked = torch.stack(images) if images else None
-    for it in items:
-        it.image = None  # the stacked tensor carries them; don't ship each twice between processes
-    return items, stacked
-
-
-def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Logits ``[B, K]`` → probabilities: softmax for multiclass, sigmoid for multilabel / binary."""
-    logits = logits.float()
-    return logits.softmax(-1) if task == "multiclass" else logits.sigmoid()
-
-
-def thresholds_for(spec: WeightSpec) -> tuple[dict[str, float], str]:
-    """Per-label operating thresholds and where they came from (``stored`` / ``default 0.5`` / ``mixed``)."""
+def thresholds_for(spec: WeightSpec) -> tuple[dict[str, float], str, dict[str, float]]:
+    """(file thresholds per label, where they came from — ``stored`` / ``default 0.5`` / ``mixed`` —, unit
+    thresholds per label: the spec's ``unit_thresholds``, else the file thresholds)."""
     stored = {k: float(v) for k, v in spec.thresholds.items()}
     out = {lb: stored.get(lb, DEFAULT_THRESHOLD) for lb in spec.label_names}
     n = len(stored)
     source = "stored" if n == len(out) else f"default {DEFAULT_THRESHOLD}" if n == 0 else "mixed"
-    return out, source
+    units = {lb: float(spec.unit_thresholds.get(lb, out[lb])) for lb in spec.label_names}
+    return out, source, units
 
 
-class BatchScorer:
-    """Runs the model on a collated batch and returns one row per item (the skipped ones excepted)."""
+@dataclass
+class UnitOutputs:
+    """A packet's model results for its ok units, in order (CPU)."""
 
-    def __init__(
-        self,
-        model: Classifier,
-        spec: WeightSpec,
-        provenance: Provenance,
-        device: torch.device | str = "cpu",
-        explainer: Any = None,
-    ):
+    scores: torch.Tensor  # [n, K] float64
+    embeddings: torch.Tensor | None = None  # [n, D], kept only for attention aggregation
+    masks: np.ndarray | None = None  # [n, H, W] probabilities
+    cams: tuple[np.ndarray, list[int]] | None = None  # Grad-CAM maps [n, H, W] and the label index of each
+    images: torch.Tensor | None = None  # the inputs, kept only to draw explanation pictures
+    infer_ms: float = 0.0  # per unit
+
+
+class Scorer:
+    """Runs the model on stacked unit images ``[n, C, H, W]``."""
+
+    def __init__(self, model: torch.nn.Module, spec: WeightSpec, device: torch.device | str = "cpu", explainer=None):
         self.model = model.to(device).eval()
         self.spec = spec
         self.device = torch.device(device)
-        self.base = provenance.to_dict()
-        self.thresholds, self.threshold_source = thresholds_for(spec)
-        self.thresholds_json = json.dumps(self.thresholds, sort_keys=True)
         self.explainer = explainer
+        self.keep_embeddings = spec.aggregation == "attention"
 
     @torch.inference_mode()
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        return to_scores(self.model(images.to(self.device, non_blocking=True)), self.spec.task).cpu()  # [B, K]
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in model_outputs(self.model, images.to(self.device, non_blocking=True)).items()}
 
-    def __call__(self, items: list[Item], images: torch.Tensor | None) -> list[dict[str, Any]]:
-        scores, infer_ms = None, 0.0
-        if images is not None:
-            t0 = time.perf_counter()
-            scores = self._forward(images).double()
-            infer_ms = _ms(t0) / images.shape[0]
-        maps = (
-            self.explainer(images, scores, [it for it in items if it.status == "ok" and not it.skipped])
-            if (self.explainer is not None and images is not None)
-            else None
-        )
-        now = dt.datetime.now(dt.UTC)
-        rows, k = [], 0
-        for it in items:
-            if it.skipped:
+    def __call__(self, images: torch.Tensor) -> UnitOutputs:
+        t0 = time.perf_counter()
+        out = self._forward(images)
+        scores = to_scores(out["logits"], self.spec.task).double()  # [n, K]
+        res = UnitOutputs(scores, infer_ms=(time.perf_counter() - t0) * 1000.0 / images.shape[0])
+        if self.keep_embeddings:
+            res.embeddings = out["embedding"].float()
+        if "mask" in self.spec.outputs and "mask_logits" in out:
+            res.masks = torch.sigmoid(out["mask_logits"].float())[:, 0].numpy()  # [n, H, W]
+        if self.explainer is not None:
+            res.cams = self.explainer(images, scores)
+            res.images = images
+        return res
+
+
+@dataclass
+class _Acc:
+    """One file's unit results while its units arrive."""
+
+    content_id: str | None
+    frame: dict[str, Any] | None
+    infos: list[UnitInfo] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+    embeddings: list[torch.Tensor] = field(default_factory=list)
+    artifacts: list[list[dict[str, Any]]] = field(default_factory=list)
+    explain: list[str | None] = field(default_factory=list)
+    canvas: art.MaskCanvas | None = None
+    infer_ms: float = 0.0
+
+
+class Assembler:
+    """Unit results → file rows (and unit rows); see the module docstring.
+
+    ``provenance``: the columns every file row repeats (domain, model, weights, preprocessing). ``table_dir``: the
+    folder of the predictions table, that artifact paths are relative to; ``artifacts_dir`` None stores none.
+    """
+
+    def __init__(
+        self,
+        spec: WeightSpec,
+        provenance: dict[str, str],
+        *,
+        model: torch.nn.Module | None = None,
+        table_dir: Path | None = None,
+        artifacts_dir: Path | None = None,
+        keep_units: bool = False,
+        explainer=None,
+    ):
+        self.spec, self.base, self.model = spec, dict(provenance), model
+        self.labels = tuple(spec.label_names)
+        self.thresholds, self.threshold_source, self.unit_thresholds = thresholds_for(spec)
+        self.thresholds_json = json.dumps(self.thresholds, sort_keys=True)
+        self.table_dir, self.artifacts_dir = table_dir, artifacts_dir
+        self.keep_units, self.explainer = keep_units, explainer
+        self._open: dict[str, _Acc] = {}
+
+    def add(self, packet: Packet, out: UnitOutputs | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Take a packet and its model outputs; return the rows of the files that ended in it."""
+        for path, start in packet.starts.items():
+            self._open[path] = _Acc(start["content_id"], start["frame"])
+        k = 0
+        for rec in packet.units:
+            acc = self._open[rec.file]
+            acc.infos.append(rec.info)
+            acc.statuses.append(rec.status)
+            if rec.status != "ok":
+                acc.scores.append(None)
+                acc.artifacts.append([])
+                acc.explain.append(None)
                 continue
-            row = self._row(it, now)
-            if it.status == "ok":
-                self._fill_scores(row, scores[k].tolist())
-                row["infer_ms"] = infer_ms
-                row["explain_path"] = maps[k] if maps else None
-                k += 1
-            rows.append(row)
-        return rows
+            self._unit_result(acc, rec.info, out, k)
+            k += 1
+        now = dt.datetime.now(dt.UTC)
+        files, units = [], []
+        for rec in packet.files:
+            if rec.skipped:
+                continue
+            acc = self._open.pop(rec.path, None)
+            row, unit_rows = self._file(rec, acc, now)
+            files.append(row)
+            units += unit_rows
+        return files, units
 
-    def _row(self, it: Item, now: dt.datetime) -> dict[str, Any]:
+    # ----------------------------------------------------------------------------------------------- units
+    def _unit_result(self, acc: _Acc, info: UnitInfo, out: UnitOutputs, k: int) -> None:
+        acc.scores.append(out.scores[k])
+        acc.infer_ms += out.infer_ms
+        if out.embeddings is not None:
+            acc.embeddings.append(out.embeddings[k])
+        refs: list[dict[str, Any]] = []
+        if out.masks is not None and acc.frame and info.region is not None:
+            if acc.canvas is None:
+                acc.canvas = art.MaskCanvas(acc.frame["width"], acc.frame["height"])
+            acc.canvas.add(out.masks[k], info.region)
+        picture = None
+        if out.cams is not None and self.artifacts_dir is not None:
+            refs.append(self._gradcam(acc, info, out, k))
+            picture = refs[-1]["picture"]
+        acc.artifacts.append(refs)
+        acc.explain.append(picture)
+
+    def _gradcam(self, acc: _Acc, info: UnitInfo, out: UnitOutputs, k: int) -> dict[str, Any]:
+        maps, top = out.cams
+        label = self.labels[top[k]]
+        stem = f"{art.file_key(acc.content_id)}-u{info.index}-{art.safe_label(label)}"
+        data, picture = self.artifacts_dir / f"{stem}-gradcam.png", self.artifacts_dir / f"{stem}.png"
+        art.save_png16(maps[k], data)
+        art.overlay_picture(self.explainer.display(out.images[k]), maps[k], picture)
+        region = list(info.region) if info.region is not None else None
+        return {
+            "kind": "gradcam",
+            "path": self._rel(data),
+            "picture": self._rel(picture),
+            "encoding": art.ENCODING,
+            "label": label,
+            "unit": info.index,
+            "frame": {"space": "region", "region": region},
+        }
+
+    def _rel(self, p: Path) -> str:
+        return p.relative_to(self.table_dir).as_posix() if self.table_dir else str(p)
+
+    # ----------------------------------------------------------------------------------------------- files
+    def _file(self, rec: FileRecord, acc: _Acc | None, now: dt.datetime) -> tuple[dict[str, Any], list[dict]]:
+        row = self._base_row(rec, now)
+        if rec.status != "ok" or acc is None:
+            return row, []
+        ok = [s for s in acc.scores if s is not None]
+        row["n_units"], row["n_units_failed"] = len(acc.statuses), len(acc.statuses) - len(ok)
+        if not ok:
+            first = next(s for s in acc.statuses if s != "ok")
+            row["status"] = f"failed: all {len(acc.statuses)} units failed (first: {first.removeprefix('failed: ')})"
+            return row, self._unit_rows(rec, acc, None) if self.keep_units else []
+        scores, attention = self._aggregate(torch.stack(ok), acc)
+        self._fill(row, scores.tolist(), self.thresholds)
+        row["infer_ms"] = acc.infer_ms
+        refs = [r for refs in acc.artifacts for r in refs] if len(acc.infos) == 1 else []
+        if acc.canvas is not None and self.artifacts_dir is not None:
+            dst = self.artifacts_dir / f"{art.file_key(acc.content_id)}-mask.png"
+            refs.insert(0, acc.canvas.save(dst, self._rel(dst), self.spec.mask_threshold))
+        row["artifacts"] = json.dumps(refs) if refs else None
+        row["explain_path"] = acc.explain[0] if len(acc.infos) == 1 else None
+        return row, self._unit_rows(rec, acc, attention) if self.keep_units else []
+
+    def _aggregate(self, scores: torch.Tensor, acc: _Acc) -> tuple[torch.Tensor, list[float] | None]:
+        """File scores ``[K]`` from unit scores ``[N, K]`` (and the attention over ok units, for MIL)."""
+        if self.spec.aggregation != "attention":
+            return aggregate_scores(scores, self.spec.aggregation), None
+        with torch.inference_mode():
+            emb = torch.stack(acc.embeddings).to(next(self.model.parameters()).device)
+            out = self.model.aggregate_units(emb)
+        return to_scores(out["logits"].cpu(), self.spec.task).double(), out["attention"].cpu().double().tolist()
+
+    def _fill(self, row: dict[str, Any], scores: list[float], thresholds: dict[str, float]) -> None:
+        decisions = [bool(s >= thresholds[lb]) for lb, s in zip(self.labels, scores, strict=True)]
+        row["scores"] = list(zip(self.labels, scores, strict=True))
+        row["decisions"] = list(zip(self.labels, decisions, strict=True))
+        for lb, s, d in zip(self.labels, scores, decisions, strict=True):
+            row[score_column(lb)], row[decision_column(lb)] = s, d
+        if self.spec.task == "multiclass":
+            row["predicted_label"] = self.labels[max(range(len(scores)), key=scores.__getitem__)]
+
+    def _base_row(self, rec: FileRecord, now: dt.datetime) -> dict[str, Any]:
         return {
             **self.base,
-            "path": it.path,
-            "content_sha256": it.sha256,
-            "status": it.status,
+            "aggregation": self.spec.aggregation,
+            "path": rec.path,
+            "content_id": rec.content_id,
+            "content_sha256": rec.content_sha256,
+            "status": rec.status,
             "thresholds": self.thresholds_json,
             "threshold_source": self.threshold_source,
-            "meta": it.meta_json,
-            "read_ms": it.read_ms,
+            "n_units": rec.n_units,
+            "meta": rec.meta_json,
+            "frame": json.dumps(rec.frame) if rec.frame else None,
+            "read_ms": rec.read_ms,
             "scored_at": now,
         }
 
-    def _fill_scores(self, row: dict[str, Any], scores: list[float]) -> None:
-        labels = self.spec.label_names
-        for lb, s in zip(labels, scores, strict=True):
-            row[score_column(lb)] = s
-            row[decision_column(lb)] = bool(s >= self.thresholds[lb])
-        if self.spec.task == "multiclass":
-            row["predicted_label"] = labels[max(range(len(scores)), key=scores.__getitem__)]
+    def _unit_rows(self, rec: FileRecord, acc: _Acc, attention: list[float] | None) -> list[dict[str, Any]]:
+        rows, k = [], 0
+        for info, status, scores, refs in zip(acc.infos, acc.statuses, acc.scores, acc.artifacts, strict=True):
+            row = {"path": rec.path, "content_id": rec.content_id, "unit": info.index, "kind": info.kind,
+                   "level": info.level, "frame_index": info.frame_index, "time_s": info.time_s, "status": status,
+                   "meta": json.dumps(info.meta, sort_keys=True, default=str) if info.meta else None,
+                   "artifacts": json.dumps(refs) if refs else None}  # fmt: skip
+            if info.region is not None:
+                row["x"], row["y"], row["width"], row["height"] = info.region
+            if info.box is not None:
+                row["box_x"], row["box_y"], row["box_width"], row["box_height"] = info.box
+            if scores is not None:
+                self._fill(row, scores.tolist(), self.unit_thresholds)
+                row.pop("predicted_label", None)
+                if attention is not None:
+                    row["attention"] = attention[k]
+                k += 1
+            rows.append(row)
+        return rows

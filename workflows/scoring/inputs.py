@@ -1,56 +1,85 @@
 """What to score: a folder walked recursively (files chosen by content), or a manifest with a ``path`` column.
 
 A file is an input when its first bytes say DICOM / PNG / JPEG / TIFF, or when its extension claims one of those
-(so a corrupt ``x.dcm`` becomes a ``failed`` row rather than vanishing). Anything else (a ``labels.csv`` beside
-the images, notes, archives) is skipped and counted. Hidden files and folders are skipped.
+or one of the domain's own formats (so a corrupt ``x.dcm`` becomes a ``failed`` row rather than vanishing).
+Anything else (a ``labels.csv`` beside the images, notes, archives) is skipped and counted. Hidden files and
+folders are skipped. The input *root* is the folder (or the manifest's folder): tables record paths relative
+to it, so a table names no folder above what the user passed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loupe.core.errors import ConfigError
+from loupe.core.io.sniff import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-#: Extensions that claim an image or DICOM; a file with one of these is scored even if its content is broken.
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 
 
 @dataclass(frozen=True)
 class InputList:
-    """Absolute input paths in a stable order, plus how many files were looked at and left out."""
+    """Absolute input paths in a stable order, the root they are recorded relative to, and what was left out."""
 
     paths: list[str]
+    root: Path
     skipped: int
     source: str
+    kind: str = "folder"  # folder | manifest
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def relative(self, path: str) -> str:
+        """``path`` as recorded in tables: relative to the root, POSIX separators."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
 
 
-def collect_inputs(input_path: str | Path, exclude: Sequence[Path] = ()) -> InputList:
-    """Resolve ``--input`` (folder or manifest) to the files to score."""
+def collect_inputs(
+    input_path: str | Path, exclude: Sequence[Path] = (), suffixes: Collection[str] = IMAGE_SUFFIXES
+) -> InputList:
+    """Resolve ``--input`` (folder or manifest) to the files to score; no inputs at all is a usage error."""
     p = Path(input_path).expanduser()
     if not p.exists():
         raise ConfigError(f"--input {str(p)!r} does not exist; pass a folder of images/DICOM or a manifest CSV/Parquet")
     if p.is_dir():
-        return walk_folder(p.resolve(), exclude=exclude)
-    if p.suffix.lower() in MANIFEST_SUFFIXES:
-        return read_manifest_paths(p.resolve())
-    raise ConfigError(
-        f"--input {str(p)!r} is a single file; pass the folder that holds it, or a manifest (.csv/.parquet) with a "
-        f"'path' column"
+        found = walk_folder(p.resolve(), exclude=exclude, suffixes=suffixes)
+    elif p.suffix.lower() in MANIFEST_SUFFIXES:
+        found = read_manifest_paths(p.resolve())
+    else:
+        raise ConfigError(
+            f"--input {str(p)!r} is a single file; pass the folder that holds it, or a manifest (.csv/.parquet) with "
+            f"a 'path' column"
+        )
+    if not found.paths:
+        raise ConfigError(_nothing_found(found, suffixes))
+    return found
+
+
+def _nothing_found(found: InputList, suffixes: Collection[str]) -> str:
+    if found.kind == "manifest":
+        return f"--input {found.source}: the manifest has no rows; add one row per file to score"
+    what = (
+        "it is empty"
+        if not found.skipped
+        else (f"it holds {found.skipped} other files (e.g. {', '.join(found.skipped_examples)}), none of them an image")
+    )
+    return (
+        f"--input {found.source} holds no images or DICOM to score: {what}. Inputs are found by content "
+        f"(DICOM/PNG/JPEG/TIFF) or by extension ({', '.join(sorted(suffixes))}); point --input at the folder that "
+        f"holds them, or pass a manifest with a 'path' column"
     )
 
 
-def is_scorable(path: Path) -> bool:
-    """True when the content looks like DICOM/PNG/JPEG/TIFF, or the extension claims one of them."""
-    from loupe.core.io import sniff_bytes
+def is_scorable(path: Path, suffixes: Collection[str] = IMAGE_SUFFIXES) -> bool:
+    """True when the content looks like DICOM/PNG/JPEG/TIFF, or the extension claims an input format."""
+    from loupe.core.io.sniff import sniff_bytes
 
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in suffixes:
         return True
     try:
         with path.open("rb") as fh:
@@ -60,11 +89,11 @@ def is_scorable(path: Path) -> bool:
     return bool(head) and sniff_bytes(head) != "unknown"
 
 
-def walk_folder(root: Path, exclude: Sequence[Path] = ()) -> InputList:
+def walk_folder(root: Path, exclude: Sequence[Path] = (), suffixes: Collection[str] = IMAGE_SUFFIXES) -> InputList:
     """Every scorable, non-hidden file under ``root`` (recursively, symlinked files followed), sorted by path."""
     excluded = {e.resolve() for e in exclude}
     paths: list[str] = []
-    skipped = 0
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
@@ -72,18 +101,18 @@ def walk_folder(root: Path, exclude: Sequence[Path] = ()) -> InputList:
             f = here / name
             if name.startswith(".") or not f.is_file():
                 continue
-            if is_scorable(f):
+            if is_scorable(f, suffixes):
                 paths.append(str(f))
             else:
-                skipped += 1
+                skipped.append(name)
     if skipped:
-        log.info("%s: %d files are not images or DICOM and were skipped", root, skipped)
-    return InputList(sorted(paths), skipped, str(root))
+        log.info("%s: %d files are not inputs and were skipped", root, len(skipped))
+    return InputList(sorted(paths), root, len(skipped), str(root), "folder", skipped[:3])
 
 
 def read_manifest_paths(manifest: Path) -> InputList:
     """The ``path`` column of a CSV/Parquet manifest (read by `loupe.core.data.read_manifest`); relative paths are
-    taken from the manifest's folder."""
+    taken from the manifest's folder, which is the root."""
     from loupe.core.data.manifest import read_manifest
 
     df = read_manifest(manifest)
@@ -101,4 +130,4 @@ def read_manifest_paths(manifest: Path) -> InputList:
     if dupes:
         log.warning("manifest %s lists %d paths more than once; each is scored once", manifest, dupes)
         paths = list(dict.fromkeys(paths))
-    return InputList(paths, 0, str(manifest))
+    return InputList(paths, base, 0, str(manifest), "manifest")

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from loupe.core.errors import ConfigError
+from loupe.core.io.identity import file_sha256
 from loupe.core.models import Classifier, WeightSpec, build_model, load_model_dir, save_model
-from loupe.core.models.weights import SPEC_FILE, file_sha256, find_weights_file, resolve_source
+from loupe.core.models.weights import SPEC_FILE, find_weights_file, resolve_source
 from loupe.core.registry import MODELS, WEIGHTS
 from loupe.core.tracking import Tracker
 

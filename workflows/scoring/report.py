@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -13,41 +14,51 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
 from loupe.workflows.scoring.api import ScoreSummary
 
-Callbacks = tuple[Callable[[int], None], Callable[[int, int], None]]
+Callbacks = tuple[Callable[[int], None], Callable[[int, int, int], None]]
 
 
 @contextlib.contextmanager
 def progress_bar(console: Console, label: str = "scoring") -> Iterator[Callbacks]:
-    """Yields ``(on_start(total), on_progress(n_inputs, n_failed))`` driving one rich progress bar."""
+    """Yields ``(on_start(total), on_progress(n_inputs, n_failed, n_resumed))`` driving one rich progress bar.
+
+    The rate counts inputs this run scored, not those an earlier run had scored (resumed inputs go by in
+    milliseconds and would make the rate and the ETA lie).
+    """
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]:>7.1f} img/s"),
+        TextColumn("{task.fields[rate]:>7.1f} inputs/s"),
         TextColumn("[red]{task.fields[failed]} failed"),
+        TextColumn("[dim]{task.fields[resumed]} resumed"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[eta]}"),
         console=console,
         transient=False,
     )
-    state: dict[str, int] = {}
+    state: dict[str, float] = {}
 
     def on_start(total: int) -> None:
-        state["task"] = progress.add_task(label, total=total, rate=0.0, failed=0)
+        state["task"] = progress.add_task(label, total=total, rate=0.0, failed=0, resumed=0, eta="-")
+        state["t0"], state["scored"] = time.perf_counter(), 0
 
-    def on_progress(n: int, failed: int) -> None:
-        task = state["task"]
+    def on_progress(n: int, failed: int, resumed: int) -> None:
+        task = int(state["task"])
         t = progress.tasks[task]
-        progress.update(task, advance=n, failed=t.fields["failed"] + failed)
-        progress.update(task, rate=t.completed / t.elapsed if t.elapsed else 0.0)
+        state["scored"] += n - resumed
+        elapsed = time.perf_counter() - state["t0"]
+        rate = state["scored"] / elapsed if elapsed > 0 else 0.0
+        left = (t.total or 0) - t.completed - n
+        eta = f"{left / rate:.0f} s" if rate > 0 else "-"
+        progress.update(task, advance=n, failed=t.fields["failed"] + failed, resumed=t.fields["resumed"] + resumed,
+                        rate=rate, eta=eta)  # fmt: skip
 
     with progress:
         yield on_start, on_progress
@@ -61,12 +72,14 @@ def render_summary(s: ScoreSummary, console: Console) -> None:
     t.add_row("inputs", f"{s.inputs} ({s.not_images} other files skipped)" if s.not_images else str(s.inputs))
     t.add_row("this run", f"{s.scored_ok} ok, {s.scored_failed} failed, {s.resumed} already scored (resumed)")
     t.add_row("table rows", f"{s.rows_ok + s.rows_failed}: {s.rows_ok} ok, {s.rows_failed} failed")
-    t.add_row("throughput", f"{s.images_per_s:.1f} inputs/s over {s.seconds:.1f} s")
+    if s.units_out is not None:
+        t.add_row("units", f"{s.units_ok} ok, {s.units_failed} failed (this run) in {s.units_out}")
+    t.add_row("throughput", f"{s.images_per_s:.1f} inputs/s over {s.seconds:.1f} s (inputs scored by this run)")
     t.add_row("model", f"{s.model.get('model_name')} v{s.model.get('model_version')} ({s.model.get('model_source')})")
     t.add_row("weights sha256", str(s.model.get("weights_sha256", ""))[:16] + "…")
     t.add_row("predictions", str(s.out))
-    if s.explain_dir:
-        t.add_row("explanations", str(s.explain_dir))
+    if s.artifacts_dir:
+        t.add_row("artifacts", f"{s.artifacts_dir} (masks, Grad-CAM maps and pictures)")
     if s.run_id and s.tracking_uri and not s.tracking_uri.startswith("null"):
         t.add_row("MLflow run", f"{s.run_id} in {s.tracking_uri}")
     console.print(t)

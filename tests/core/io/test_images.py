@@ -139,8 +139,12 @@ def test_16_bit_png_with_fewer_significant_bits(tmp_path: Path, sbit, top: int, 
 
 
 def test_12_bit_data_in_a_16_bit_png_scores_as_the_8_bit_film(tmp_path: Path) -> None:
-    from loupe.core.domain import standard_loader
     from loupe.core.models import WeightSpec
+    from loupe.core.units import single_image_units
+
+    def standard_loader(path, spec):
+        fu = single_image_units(path, spec)
+        return next(iter(fu.units)).image, fu.meta
 
     spec = WeightSpec(name="t", architecture="vit_micro_patch8", input_size=(1, 32, 32), mean=(0.5,), std=(0.25,))
     film8 = np.linspace(0, 255, 64 * 64).reshape(64, 64).round().astype(np.uint8)

@@ -35,10 +35,12 @@ def test_one_row_per_input_scores_match_the_model_and_failures_exit_1(
     )  # fmt: skip
     assert code == 1, output
     df = pd.read_parquet(out)
-    assert sorted(df["path"]) == sorted(str(p) for p in files["good"] + files["bad"])
+    rel = [p.relative_to(root).as_posix() for p in files["good"] + files["bad"]]  # paths recorded from the root
+    assert sorted(df["path"]) == sorted(rel)
     assert not df["path"].duplicated().any()
     ok, failed = df[df.status == "ok"], df[df.status != "ok"]
-    assert len(ok) == len(files["good"]) and sorted(failed["path"]) == sorted(str(p) for p in files["bad"])
+    bad = sorted(p.relative_to(root).as_posix() for p in files["bad"])
+    assert len(ok) == len(files["good"]) and sorted(failed["path"]) == bad
     assert failed["status"].str.startswith("failed: ").all() and failed["score_Pneumonia"].isna().all()
     assert "scoring summary" in output and "1 other files skipped" in output
 
@@ -47,12 +49,15 @@ def test_one_row_per_input_scores_match_the_model_and_failures_exit_1(
     assert set(df.model_name) == {"tiny-cxr"} and set(df.model_version) == {"7"}
     assert set(df.preprocessing_hash) == {spec.preprocessing_hash()}
     assert df.weights_sha256.str.len().eq(64).all() and ok.content_sha256.str.len().eq(64).all()
+    assert (ok.content_id == "sha256:" + ok.content_sha256).all() and (ok.n_units == 1).all()
+    assert [dict(s) for s in ok.scores] == [{"Effusion": e, "Pneumonia": p} for e, p in
+                                            zip(ok.score_Effusion, ok.score_Pneumonia, strict=True)]  # fmt: skip
     assert json.loads(df.thresholds.iloc[0]) == {"Effusion": 0.5, "Pneumonia": 0.3}
     assert set(df.threshold_source) == {"mixed"}
 
     # scores are the model's sigmoid on exactly the spec's preprocessing; decisions at the stored thresholds
     row = ok.iloc[0]
-    img = read_any(row.path)
+    img = read_any(root / row.path)
     x = ModelInput(spec)(img.array, img.meta.get("bits_stored") or img.meta.get("bit_depth"))
     with torch.inference_mode():
         expected = torch.sigmoid(model(x[None]))[0].double()
@@ -60,9 +65,9 @@ def test_one_row_per_input_scores_match_the_model_and_failures_exit_1(
     assert (ok.decision_Pneumonia == (ok.score_Pneumonia >= 0.3)).all()
     assert (ok.decision_Effusion == (ok.score_Effusion >= 0.5)).all()
 
-    # no identifiers from the DICOM header
+    # no identifiers from the DICOM header, no path
     dicom_meta = json.loads(ok[ok.path.str.endswith("ct.dcm")].meta.iloc[0])
-    assert dicom_meta["modality"] == "CT" and not any("uid" in k for k in dicom_meta)
+    assert dicom_meta["modality"] == "CT" and not any("uid" in k for k in dicom_meta) and "path" not in dicom_meta
 
     # the run is in MLflow with counts and the table
     from mlflow.tracking import MlflowClient
@@ -71,6 +76,7 @@ def test_one_row_per_input_scores_match_the_model_and_failures_exit_1(
     (run,) = client.search_runs([client.get_experiment_by_name("loupe-scoring").experiment_id])
     assert run.data.metrics["rows_ok"] == len(ok) and run.data.metrics["rows_failed"] == 2
     assert run.data.params["weights_sha256"] == df.weights_sha256.iloc[0]
+    assert not any(str(root) in v or str(tmp_path) in v for v in run.data.params.values())  # no user paths
     assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/preds.parquet"]
 
 
@@ -104,8 +110,9 @@ def test_resume_scores_only_new_and_failed_inputs(inputs: tuple[Path, dict], mod
     code, output = _score(*base, "--num-workers", "0", "--resume")
     assert code == 0, output
     df = pd.read_parquet(out).set_index("path")
-    assert sorted(df.index) == sorted(str(p) for p in [*files["good"], new]) and (df.status == "ok").all()
-    kept = [str(p) for p in files["good"]]
+    assert sorted(df.index) == sorted(p.relative_to(root).as_posix() for p in [*files["good"], new])
+    assert (df.status == "ok").all()
+    kept = [p.relative_to(root).as_posix() for p in files["good"]]
     pd.testing.assert_series_equal(df.loc[kept, "scored_at"], first.loc[kept, "scored_at"])  # not re-scored
     assert "0 failed, " in output and f"{len(files['good'])} already scored" in output
 
@@ -122,9 +129,13 @@ def test_explain_writes_overlays_next_to_the_table(inputs: tuple[Path, dict], mo
     assert code == 1
     ok = pd.read_parquet(out).query("status == 'ok'")
     assert ok.explain_path.notna().all()
-    for p in ok.explain_path:
-        assert Path(p).parent == tmp_path / "p.parquet.explain"
-        with Image.open(p) as im:
+    for p, refs in zip(ok.explain_path, ok.artifacts, strict=True):
+        assert (tmp_path / p).parent == tmp_path / "p.parquet.artifacts"  # relative to the table's folder
+        (cam,) = json.loads(refs)
+        assert cam["kind"] == "gradcam" and cam["picture"] == p and cam["frame"]["space"] == "region"
+        data = np.asarray(Image.open(tmp_path / cam["path"]))
+        assert data.dtype == np.uint16 and data.shape == (32, 32) and data.max() > data.min()  # the map, as data
+        with Image.open(tmp_path / p) as im:
             assert im.mode == "RGB" and min(im.size) >= 256
             assert im.size[0] == 2 * im.size[1]  # the film as seen, beside the film under the map
             left, right = np.asarray(im)[:, : im.size[1]], np.asarray(im)[:, im.size[1] :]
@@ -174,3 +185,34 @@ def test_models_without_subcommand_still_lists() -> None:
 @pytest.mark.parametrize("bad", ["register --name x", "alias x"])
 def test_models_subcommand_usage_errors_exit_2(bad: str) -> None:
     assert runner.invoke(app, ["models", *bad.split()]).exit_code == 2
+
+
+@pytest.mark.parametrize("content", ["nothing", "other files"])
+def test_a_folder_without_images_is_a_usage_error(tmp_path: Path, model_dir: Path, content: str) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    if content == "other files":
+        (root / "notes.txt").write_text("not an image")
+        (root / "labels.csv").write_text("path,label\n")
+    out = tmp_path / "p.parquet"
+    code, output = _score("--input", str(root), "--model", f"local-dir:{model_dir}", "--out", str(out), "--no-track")
+    assert code == 2, output
+    assert str(root) in output and "no images or DICOM" in output
+    assert ("2 other files" in output) == (content == "other files")
+    assert not out.exists() and not out.with_name("p.parquet.parts").exists()
+
+
+def test_a_manifest_row_for_a_missing_file_is_a_failed_row_that_says_how_to_fix(
+    tmp_path: Path, model_dir: Path, inputs: tuple[Path, dict]
+) -> None:
+    root, files = inputs
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": [str(files["good"][0]), "gone/missing.png"]}).to_csv(manifest, index=False)
+    out = tmp_path / "p.parquet"
+    code, output = _score("--input", str(manifest), "--model", f"local-dir:{model_dir}", "--out", str(out),
+                          "--no-track", "--num-workers", "0")  # fmt: skip
+    assert code == 1, output
+    status = pd.read_parquet(out).set_index("status").index
+    failed = [s for s in status if s != "ok"]
+    assert len(failed) == 1 and "does not exist" in failed[0] and "manifest" in failed[0]
+    assert "Errno" not in failed[0] and "FileNotFoundError" not in failed[0]
