@@ -96,7 +96,8 @@ def _final_report(results: list[DemoResult], uri: str, console: Console) -> None
             f"{r.domain}: {s.rows_ok} ok / {s.rows_failed} failed rows in {r.seconds:.0f} s "
             f"(failed rows are expected: the demo inputs include a corrupt file and may include images outside the "
             f"model's scope; each reason is listed above and in the status column)\n"
-            f"  predictions: {s.out}\n  artifacts (Grad-CAM maps and pictures): {s.artifacts_dir}\n  model: {r.model_uri}",
+            f"  predictions: {s.out}\n  artifacts (Grad-CAM maps and pictures): {s.artifacts_dir}\n"
+            f"  model: {r.model_uri}",
             highlight=False,
         )
     if uri.startswith("sqlite:///"):
