@@ -10,9 +10,11 @@ import difflib
 import fnmatch
 import importlib
 import logging
+import os
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 from loupe.core.errors import LoupeError, UnknownNameError
@@ -101,24 +103,36 @@ _discovered = False
 DOMAINS_PACKAGE = "loupe.domains"
 
 
+#: Entry-point group through which installed packages add domains (``[project.entry-points."loupe.domains"]``).
+ENTRY_POINT_GROUP = "loupe.domains"
+#: Comma-separated module names imported as domains too (a domain that is not installed as a package).
+PLUGINS_ENV = "LOUPE_PLUGINS"
+
+
 def discover_domains() -> list[str]:
-    """Import every package under ``loupe.domains`` so that each registers itself; returns the domain names.
+    """Import every package under ``loupe.domains``, every ``loupe.domains`` entry point and every module named in
+    ``LOUPE_PLUGINS`` so that each registers itself; returns the domain names.
 
     A domain that fails to import is logged and skipped, so one broken domain does not take the CLI down.
-    Domains are plugins: core finds them by package name at run time and never imports them statically.
+    Domains are plugins: core finds them by name at run time and never imports them statically.
     """
     global _discovered
     if not _discovered:
         import loupe.core.models  # noqa: F401 - registers the general-purpose builders
 
         pkg = importlib.import_module(DOMAINS_PACKAGE)
-
-        for info in pkgutil.iter_modules(pkg.__path__, prefix="loupe.domains."):
-            if not info.ispkg:
-                continue
-            try:
-                importlib.import_module(info.name)
-            except Exception:  # noqa: BLE001 - a broken optional domain must not break the others
-                log.exception("domain %s failed to import and is skipped", info.name)
+        names = [i.name for i in pkgutil.iter_modules(pkg.__path__, prefix="loupe.domains.") if i.ispkg]
+        names += [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+        for name in names:
+            _import_domain(name, lambda n=name: importlib.import_module(n))
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            _import_domain(ep.name, ep.load)
         _discovered = True
     return DOMAINS.names()
+
+
+def _import_domain(name: str, load: Callable[[], Any]) -> None:
+    try:
+        load()
+    except Exception:  # noqa: BLE001 - a broken optional domain must not break the others
+        log.exception("domain %s failed to import and is skipped", name)

@@ -82,6 +82,7 @@ class ScoreSummary:
     artifacts_dir: Path | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, status)
     model: dict[str, str] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)  # scoring process (host:pid) → inputs it covered
 
     @property
     def images_per_s(self) -> float:
@@ -198,6 +199,8 @@ def _commit(table: PartsTable, result: BatchResult, summary: ScoreSummary, on_pr
     summary.scored_ok += len(statuses) - len(failed)
     summary.resumed += result.n_resumed
     summary.failures += failed[: max(0, 10 - len(summary.failures))]
+    if result.worker:
+        summary.workers[result.worker] = summary.workers.get(result.worker, 0) + result.n_inputs
     if result.batch.units is not None:
         n_ok = int(pc.sum(pc.equal(result.batch.units.column("status"), "ok")).as_py() or 0)
         summary.units_ok += n_ok

@@ -23,31 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loupe.core.io.maps import ENCODING, save_map
+
 #: Stitched file-level masks are stored with at most this many pixels on their longer side.
 MASK_MAX_SIDE = 1024
-ENCODING = "png16/65535"
 
 
 def file_key(content_id: str | None) -> str:
     """A short, name-free key for a file's artifacts: the first 16 hex digits of its content identity."""
     return (content_id or "unknown").split(":")[-1][:16]
-
-
-def save_png16(values: np.ndarray, dst: Path) -> None:
-    """A 2-D array of values in [0, 1] as a 16-bit grey PNG (value x 65535)."""
-    from PIL import Image
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    a = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
-    Image.fromarray(np.round(a * 65535).astype(np.uint16)).save(dst)
-
-
-def load_png16(path: Path) -> np.ndarray:
-    """A map written by `save_png16`, back in [0, 1] (float32)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im, dtype=np.float32) / 65535.0
 
 
 class MaskCanvas:
@@ -80,7 +64,7 @@ class MaskCanvas:
     def save(self, dst: Path, rel: str, threshold: float) -> dict[str, Any]:
         """Write the mask; returns its artifact reference (with the area above ``threshold`` and the peak)."""
         m = self.result()
-        save_png16(m, dst)
+        save_map(m, dst)
         covered = self.count > 0
         return {
             "kind": "mask",

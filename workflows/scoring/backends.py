@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 
 SKIPPED = "__skipped__"  # status of a marker row the Ray actors return for inputs already scored
 UNITS = "__units__"  # column of the Ray actors' tables: each file's unit rows as Arrow IPC bytes
+WORKER = "__worker__"  # column of the Ray actors' tables: which actor process scored the batch
+
+
+def worker_id() -> str:
+    """This process as ``host:pid`` (which process did a batch's work)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class BatchResult:
     batch: Batch
     n_inputs: int
     n_resumed: int
+    worker: str = ""
 
 
 def score_packet(packet: Packet, scorer: Scorer, assembler: Assembler) -> tuple[list[dict], list[dict]]:
@@ -94,7 +104,7 @@ def _result(files: list[dict], units: list[dict], packet: Packet, schemas) -> Ba
     file_schema, unit_schema = schemas
     unit_table = rows_to_table(units, unit_schema) if units and unit_schema is not None else None
     resumed = sum(1 for f in packet.files if f.skipped)
-    return BatchResult(Batch(rows_to_table(files, file_schema), unit_table), packet.n_inputs, resumed)
+    return BatchResult(Batch(rows_to_table(files, file_schema), unit_table), packet.n_inputs, resumed, worker_id())
 
 
 # -------------------------------------------------------------------------------------------------------- ray
@@ -127,7 +137,12 @@ class RayScorer:
                 f[UNITS] = _ipc(rows_to_table(mine, unit_schema)) if mine and unit_schema is not None else None
             rows += files
             rows += [{"path": f.path, "status": SKIPPED} for f in packet.files if f.skipped]
-        return rows_to_table(rows, file_schema.append(pa.field(UNITS, pa.binary())))
+        me = worker_id()
+        for r in rows:
+            r[WORKER] = me
+        return rows_to_table(
+            rows, file_schema.append(pa.field(UNITS, pa.binary())).append(pa.field(WORKER, pa.string()))
+        )
 
 
 def build_engine(model, spec, provenance, device, explain: bool, table_dir: Path, keep_units: bool):
@@ -196,5 +211,6 @@ def run_ray(
         kept = table.filter(pc.invert(skipped))
         blobs = [b for b in kept.column(UNITS).to_pylist() if b]
         units = pa.concat_tables([_from_ipc(b) for b in blobs]) if blobs and unit_schema is not None else None
-        files = kept.drop_columns([UNITS]).select(file_schema.names).cast(file_schema)
-        yield BatchResult(Batch(files, units), n, n - kept.num_rows)
+        worker = table.column(WORKER)[0].as_py() if n else ""
+        files = kept.drop_columns([UNITS, WORKER]).select(file_schema.names).cast(file_schema)
+        yield BatchResult(Batch(files, units), n, n - kept.num_rows, worker)

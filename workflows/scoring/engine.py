@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loupe.core.io.maps import ENCODING, save_map
 from loupe.core.models import WeightSpec
 from loupe.core.models.heads import aggregate_scores, model_outputs, to_scores
 from loupe.core.units import UnitInfo
@@ -174,14 +175,14 @@ class Assembler:
         label = self.labels[top[k]]
         stem = f"{art.file_key(acc.content_id)}-u{info.index}-{art.safe_label(label)}"
         data, picture = self.artifacts_dir / f"{stem}-gradcam.png", self.artifacts_dir / f"{stem}.png"
-        art.save_png16(maps[k], data)
+        save_map(maps[k], data)
         art.overlay_picture(self.explainer.display(out.images[k]), maps[k], picture)
         region = list(info.region) if info.region is not None else None
         return {
             "kind": "gradcam",
             "path": self._rel(data),
             "picture": self._rel(picture),
-            "encoding": art.ENCODING,
+            "encoding": ENCODING,
             "label": label,
             "unit": info.index,
             "frame": {"space": "region", "region": region},

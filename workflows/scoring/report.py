@@ -75,6 +75,8 @@ def render_summary(s: ScoreSummary, console: Console) -> None:
     if s.units_out is not None:
         t.add_row("units", f"{s.units_ok} ok, {s.units_failed} failed (this run) in {s.units_out}")
     t.add_row("throughput", f"{s.images_per_s:.1f} inputs/s over {s.seconds:.1f} s (inputs scored by this run)")
+    if len(s.workers) > 1:
+        t.add_row("scoring processes", f"{len(s.workers)} ({', '.join(f'{n} inputs' for n in s.workers.values())})")
     t.add_row("model", f"{s.model.get('model_name')} v{s.model.get('model_version')} ({s.model.get('model_source')})")
     t.add_row("weights sha256", str(s.model.get("weights_sha256", ""))[:16] + "…")
     t.add_row("predictions", str(s.out))

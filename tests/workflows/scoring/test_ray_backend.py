@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,9 @@ def test_ray_and_local_backends_give_identical_tables(
     local = score(ScoreOptions(out=tmp_path / "local.parquet", num_workers=0, **common))
     on_ray = score(ScoreOptions(out=tmp_path / "ray.parquet", backend="ray", ray=RayOptions(actors=2), **common))
     assert (local.rows_ok, local.rows_failed) == (on_ray.rows_ok, on_ray.rows_failed) == (len(files["good"]), 2)
+    me = f"{os.uname().nodename}:{os.getpid()}"
+    assert list(local.workers) == [me]  # num_workers=0: the driver scored
+    assert me not in on_ray.workers and sum(on_ray.workers.values()) == len(files["good"]) + 2  # Ray actors did
 
     a = pd.read_parquet(tmp_path / "local.parquet").sort_values("path").reset_index(drop=True)
     b = pd.read_parquet(tmp_path / "ray.parquet").sort_values("path").reset_index(drop=True)
