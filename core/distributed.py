@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,24 @@ def sampler_for(dataset: Dataset, info: DistInfo, *, shuffle: bool, seed: int = 
             dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
     return EpochRandomSampler(dataset, seed) if shuffle else SequentialSampler(dataset)
+
+
+def make_loader(
+    ds: Dataset, info: DistInfo, *, batch_size: int, num_workers: int = 0, train: bool, seed: int = 0
+) -> DataLoader:
+    """Batches of `loupe.core.data.collate_samples` (reader metadata stays a list beside the tensors) in an order
+    fixed by ``seed`` and the epoch, sharded across DDP ranks; the loader's own generator leaves torch's RNG alone."""
+    from loupe.core.data.dataset import collate_samples
+
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler_for(ds, info, shuffle=train, seed=seed, drop_last=train),
+        drop_last=train and len(ds) >= batch_size * info.world_size,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_samples,
+    )
 
 
 class EpochRandomSampler(RandomSampler):

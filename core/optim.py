@@ -114,3 +114,26 @@ class WarmupCosine:
 def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW over `param_groups` (the ``names``/``layer`` bookkeeping keys are kept for inspection)."""
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser section of a fine-tuning recipe: AdamW LR, weight decay, layer-wise LR decay (1 = off), warm-up
+    (epochs) and the cosine floor."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_epochs: float = 2.0
+    min_lr: float = 1e-6
+    beta2: float = 0.999
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            out.append(f"layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+        if self.warmup_epochs < 0:
+            out.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        return out

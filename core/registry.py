@@ -98,6 +98,7 @@ PRESETS: Registry[Any] = Registry("preset")
 LABEL_SETS: Registry[tuple[str, ...]] = Registry("label set")
 RECIPES: Registry[Any] = Registry("recipe")
 DOMAINS: Registry[Any] = Registry("domain")
+ADAPTERS: Registry[Callable[..., Any]] = Registry("manifest adapter")  # dataset layout → manifest (`loupe data`)
 
 _discovered = False
 DOMAINS_PACKAGE = "loupe.domains"

@@ -13,7 +13,7 @@ crop inside its frame (a face), in the same pixels; ``time_s`` is a video time i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,16 +85,22 @@ def input_region(spec: WeightSpec, height: int, width: int) -> Region:
 
 def single_image_units(path: Path, spec: WeightSpec) -> FileUnits:
     """The default unit reader: one unit, the whole image (first frame of a multi-frame DICOM), read by content
-    and preprocessed as the spec says; the model's scope (``modalities``, ``scope``) is checked first."""
+    and preprocessed as the spec says when the unit is taken (after the caller has checked the model's scope on
+    ``meta``: an out-of-scope file is refused before any preprocessing)."""
     from loupe.core.io import read_any
-    from loupe.core.transforms import ModelInput
 
     img = read_any(path)
-    spec.check_scope(img.meta, path)
     array = img.array
     if array.ndim >= 3 and img.meta.get("frames", 1) > 1:
         array = array[0]
     height, width = int(array.shape[0]), int(array.shape[1])
-    x = ModelInput(spec)(array, img.meta.get("bits_stored") or img.meta.get("bit_depth"))
     info = UnitInfo(index=0, kind="image", region=input_region(spec, height, width))
-    return FileUnits(meta=dict(img.meta), frame={"width": width, "height": height}, units=iter([Unit(x, info)]))
+    bits = img.meta.get("bits_stored") or img.meta.get("bit_depth")
+    return FileUnits(meta=dict(img.meta), frame={"width": width, "height": height},
+                     units=_prepared(array, bits, spec, info))  # fmt: skip
+
+
+def _prepared(array: Any, bits: int | None, spec: WeightSpec, info: UnitInfo) -> Iterator[Unit]:
+    from loupe.core.transforms import ModelInput
+
+    yield Unit(ModelInput(spec)(array, bits), info)

@@ -60,3 +60,20 @@ def test_edge_libraries_stay_at_the_edges(lib: str, allowed: set[str] | None) ->
 def test_no_unsafe_torch_load() -> None:
     offenders = [p for p in _source_files() if "weights_only=False" in p.read_text().replace(" ", "")]
     assert offenders == []
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """`loupe --help` stays well under a second: it must not import torch, pandas, pydicom or mlflow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['loupe', '--help']\n"
+        "from loupe.workflows import cli\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'pandas', 'pydicom', 'mlflow', 'pyarrow', 'timm') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "HEAVY []" in out, out[-500:]
+    assert "chest X-rays, pathology" not in out  # the CLI advertises only what exists

@@ -16,7 +16,8 @@ from loupe.core.registry import DOMAINS, LABEL_SETS, MODELS, PRESETS, RECIPES, W
 
 app = typer.Typer(
     name="loupe",
-    help="Loupe: take a closer look at chest X-rays, pathology slides and forensic images with vision transformers.",
+    help="Loupe: take a closer look at medical and forensic images with vision transformers. "
+    "`loupe models` lists the domains installed (and what each registers).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -259,56 +260,6 @@ def demo_cmd(
         _fail(ConfigError("no registered domain brings a demo (DomainInfo.demo_inputs / demo_model)"))
 
 
-bench_app = typer.Typer(help="Benchmarks, each reported as a ratio measured in one run.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("scoring-memory")
-def bench_scoring_memory(
-    small: int = typer.Option(200, help="Inputs in the small run."),
-    large: int = typer.Option(2000, help="Inputs in the large run."),
-    num_workers: int = typer.Option(2, "--num-workers", min=0, help="DataLoader workers of each scoring run."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """Peak RSS of `loupe score` on SMALL vs LARGE inputs (fresh child processes); flat memory ≈ ratio 1."""
-    from loupe.workflows.bench import scoring_memory
-
-    res = scoring_memory((small, large), num_workers=num_workers, batch_size=batch_size)
-    if as_json:
-        console.print_json(json.dumps(res))
-        return
-    table = Table("inputs", "peak RSS (MiB)", "peak tree RSS (MiB)", "seconds", title="scoring memory")
-    for n, r in res["runs"].items():
-        table.add_row(n, f"{r['peak_rss_mib']:.0f}", f"{r['peak_tree_rss_mib']:.0f}", f"{r['seconds']:.1f}")
-    console.print(table)
-    console.print(
-        f"ratio {large}/{small}: peak RSS {res['ratio_peak_rss']:.3f}, peak tree RSS {res['ratio_peak_tree_rss']:.3f}"
-    )
-
-
-@bench_app.command("throughput")
-def bench_throughput(
-    n: int = typer.Option(512, "-n", help="Inputs to score."),
-    arch: str = typer.Option("vit_tiny_patch16", help="Registered architecture (random weights)."),
-    size: int = typer.Option(224, help="Model input side in pixels."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    num_workers: int | None = typer.Option(None, "--num-workers", min=0),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """Images/s of the scoring path (read → preprocess → forward → table) vs the bare model forward."""
-    from loupe.workflows.bench import throughput
-
-    res = throughput(n=n, arch=arch, size=size, batch_size=batch_size, num_workers=num_workers)
-    if as_json:
-        console.print_json(json.dumps(res))
-        return
-    console.print(
-        f"{arch} {res['input_size']}, batch {batch_size}: bare forward {res['bare_forward_img_s']:.1f} img/s, "
-        f"scoring path {res['scoring_img_s']:.1f} img/s, ratio {res['ratio_scoring_over_bare']:.3f}"
-    )
-
-
 @weights_app.command("list")
 def weights_list() -> None:
     """Registered weight tags and whether each is in the local cache."""
@@ -377,7 +328,7 @@ def _mount_optional() -> None:
     """Sub-apps that live in their own modules (``loupe data``, ``loupe score``, ...)."""
     import importlib
 
-    for module, name in (("loupe.workflows.data_cli", "data"),):
+    for module, name in (("loupe.workflows.data_cli", "data"), ("loupe.workflows.bench_cli", "bench")):
         try:
             sub = importlib.import_module(module)
         except ImportError:

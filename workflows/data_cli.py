@@ -8,15 +8,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from loupe.core.data import adapters
-from loupe.core.data.manifest import read_manifest, validate_manifest, write_manifest
-from loupe.core.data.splits import split_by_group
 from loupe.core.errors import LoupeError
 
 app = typer.Typer(help="Check and build manifests (path, labels 1/0/empty, group, split).", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
-SOURCES = ("nih", "chexpert", "mimic", "folder")
 
 
 def _fail(exc: LoupeError) -> None:
@@ -36,6 +32,8 @@ def validate(
     no_files: bool = typer.Option(False, "--no-files", help="Skip checking that every file exists."),
 ) -> None:
     """Report every problem in MANIFEST at once: missing files, bad label values, duplicates, leaked groups."""
+    from loupe.core.data.manifest import read_manifest, validate_manifest
+
     try:
         frame = read_manifest(manifest)
     except LoupeError as exc:
@@ -52,37 +50,50 @@ def validate(
     raise typer.Exit(1)
 
 
+def _adapters():
+    import loupe.core.data.adapters  # noqa: F401 - registers the domain-neutral "folder" source
+    from loupe.core.registry import ADAPTERS, discover_domains
+
+    discover_domains()
+    return ADAPTERS
+
+
+@app.command()
+def sources() -> None:
+    """The dataset layouts `loupe data convert` knows, with the inputs each takes (domains register theirs)."""
+    from rich.table import Table
+
+    table = Table("source", "domain", "inputs", "what", title="manifest sources", title_justify="left")
+    for e in _adapters().entries():
+        table.add_row(e.name, e.domain, " ".join(e.meta.get("inputs", ())), e.meta.get("doc", ""))
+    console.print(table)
+
+
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help=f"Layout to convert: {', '.join(SOURCES)}."),
-    inputs: list[Path] = typer.Argument(
-        ..., help="nih: Data_Entry CSV; chexpert: train.csv; mimic: METADATA CHEXPERT; folder: ROOT."
-    ),
+    source: str = typer.Argument(..., help="A dataset layout (`loupe data sources` lists them), e.g. folder."),
+    inputs: list[Path] = typer.Argument(..., help="The layout's input files or folders, in the order it lists."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.csv or .parquet)."),
-    uncertain: str = typer.Option("ignore", help="CheXpert / MIMIC -1 labels: ones, zeros or ignore (unknown)."),
+    uncertain: str = typer.Option("ignore", help="Sources with uncertain labels (-1): ones, zeros or ignore."),
 ) -> None:
     """Turn a public dataset layout into a manifest."""
+    from loupe.core.data.manifest import write_manifest
+
     try:
         frame = _convert(source, inputs, uncertain)
     except (LoupeError, ValueError) as exc:
-        _fail(LoupeError(str(exc)))
+        _fail(exc if isinstance(exc, LoupeError) else LoupeError(str(exc)))
     write_manifest(frame, out)
     console.print(f"wrote {out} ({len(frame)} rows, {frame['group'].nunique()} groups)")
 
 
 def _convert(source: str, inputs: list[Path], uncertain: str):
-    needed = {"nih": 1, "chexpert": 1, "mimic": 2, "folder": 1}
-    if source not in needed:
-        raise LoupeError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
-    if len(inputs) != needed[source]:
-        raise LoupeError(f"{source} takes {needed[source]} input path(s), got {len(inputs)}")
-    if source == "nih":
-        return adapters.nih_chestxray14(inputs[0])
-    if source == "chexpert":
-        return adapters.chexpert(inputs[0], uncertain=uncertain)
-    if source == "mimic":
-        return adapters.mimic_cxr_jpg(inputs[0], inputs[1], uncertain=uncertain)
-    return adapters.folder_per_class(inputs[0])
+    entry = _adapters().entry(source)  # unknown → "did you mean", with the known sources
+    needed = entry.meta.get("inputs", ("INPUT",))
+    if len(inputs) != len(needed):
+        raise LoupeError(f"{source} takes {len(needed)} input path(s) ({' '.join(needed)}), got {len(inputs)}")
+    kwargs = {"uncertain": uncertain} if entry.meta.get("uncertain") else {}
+    return entry.obj(*inputs, **kwargs)
 
 
 @app.command()
@@ -95,6 +106,9 @@ def split(
     seed: int = typer.Option(0, help="Seed of the (reproducible) group shuffle."),
 ) -> None:
     """Split MANIFEST into train / val / test by group (patient, slide, video), stratified by rarest label."""
+    from loupe.core.data.manifest import read_manifest, write_manifest
+    from loupe.core.data.splits import split_by_group
+
     try:
         frame = split_by_group(read_manifest(manifest), {"train": train, "val": val, "test": test}, seed=seed)
     except LoupeError as exc:

@@ -1,4 +1,4 @@
-"""Manifests, group-aware splits, dataset adapters and the torch dataset built on them.
+"""Manifests, group-aware splits, the folder-per-class adapter and the torch dataset built on them.
 
 The torch-facing names (`ManifestDataset`, `collate_samples`, `to_float_tensor`) load lazily, so validating or
 converting a manifest never imports torch.
@@ -8,14 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loupe.core.data.adapters import (
-    CHEXPERT_LABELS,
-    NIH_LABELS,
-    chexpert,
-    folder_per_class,
-    mimic_cxr_jpg,
-    nih_chestxray14,
-)
+from loupe.core.data.adapters import folder_per_class
 from loupe.core.data.manifest import (
     LabelAlignment,
     Problem,
@@ -40,19 +33,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CHEXPERT_LABELS",
-    "NIH_LABELS",
     "LabelAlignment",
     "ManifestDataset",
     "Problem",
     "align_labels",
-    "chexpert",
     "collate_samples",
     "folder_per_class",
     "label_columns",
     "leaked_groups",
-    "mimic_cxr_jpg",
-    "nih_chestxray14",
     "read_manifest",
     "split_by_group",
     "to_float_tensor",

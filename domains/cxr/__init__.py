@@ -3,44 +3,9 @@
 from __future__ import annotations
 
 from loupe.core.domain import DomainInfo, register_domain
-from loupe.core.registry import LABEL_SETS
-from loupe.domains.cxr import demo
-
-NIH14_LABELS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-CHEXPERT_LABELS = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
-LABEL_SETS.register("cxr.nih14", NIH14_LABELS, domain="cxr")
-LABEL_SETS.register("cxr.chexpert", CHEXPERT_LABELS, domain="cxr")
-LABEL_SETS.register("cxr.pneumonia", ("Pneumonia",), domain="cxr")
+from loupe.domains.cxr import adapters, demo  # noqa: F401 - adapters register themselves
+from loupe.domains.cxr.labels import CHEXPERT_LABELS, NIH14_LABELS
+from loupe.domains.cxr.review import cxr_case
 
 register_domain(
     DomainInfo(
@@ -48,8 +13,11 @@ register_domain(
         description="Chest X-ray multi-label thorax disease classification",
         demo_inputs=demo.demo_inputs,
         demo_model=demo.demo_model,
+        review_case=cxr_case,
     )
 )
 
 # models, preset and recipes register themselves on import
 from loupe.domains.cxr import evaluate, finetune, models, pretrain  # noqa: E402, F401
+
+__all__ = ["CHEXPERT_LABELS", "NIH14_LABELS"]

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
+from loupe.core.evaluation import EvalConfig, choose_thresholds, evaluation_report, log_report, predict
 from loupe.core.models.classifier import load_model_dir
 from loupe.core.recipes import Recipe, RunConfig, register_recipe
 from loupe.core.registry import LABEL_SETS
-from loupe.domains.cxr.common import build_split, make_loader, output_dir, predict, temp_dir, tracked_run
+from loupe.domains.cxr.common import build_split, cxr_eval, loader
 from loupe.domains.cxr.data import DataConfig
-from loupe.domains.cxr.evaluation import EvalConfig, choose_thresholds, evaluation_report, log_report
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class EvaluateConfig:
     )
     model: EvalModel = field(default_factory=EvalModel)
     split: str = "test"
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=cxr_eval)
 
     def problems(self) -> list[str]:
         ok = self.split in ("train", "val", "test", "all")
@@ -70,8 +71,8 @@ class EvaluateRecipe(Recipe):
 
     def setup(self) -> None:
         self.device = pick_device(self.cfg.run.device)
-        self.out = output_dir(self.cfg, self.cfg.run.name or "cxr_evaluate")
-        self._tmp = temp_dir()
+        self.out = self.output_dir(self.cfg.run.name or "cxr_evaluate")
+        self._tmp = tempfile.TemporaryDirectory(prefix="loupe-cxr-")
         src = self.cfg.model.source
         path = Path(src.removeprefix("local-dir:")) if src.startswith("local-dir:") else None
         if path is None:
@@ -94,12 +95,12 @@ class EvaluateRecipe(Recipe):
             S_val, Y_val, _ = predict(self.model, self._loader("val"), self.device)
             thresholds = choose_thresholds(Y_val, S_val, names, cfg.eval)
         ds = build_split(cfg.data, self.spec, "all" if cfg.split == "all" else cfg.split)
-        S, Y, _ = predict(self.model, make_loader(ds, cfg.data, _single(), train=False, seed=0), self.device)
+        S, Y, _ = predict(self.model, loader(ds, cfg.data, _single(), train=False, seed=0), self.device)
         meta = subgroup_frame(ds)
         groups = meta["group"].to_numpy() if "group" in meta else None
         report = evaluation_report(Y, S, names, cfg=cfg.eval, thresholds=thresholds, meta=meta, groups=groups,
                                    prefix=cfg.split)  # fmt: skip
-        with tracked_run(self.tracker, cfg, self.name, _single()) as run:
+        with self.tracked_run() as run:
             run.set_tags({"model_source": cfg.model.source, "model_name": self.spec.name})
             log_report(run, report, self.out / "evaluation", prefix=cfg.split)
             run.log_dict({"thresholds": thresholds, "n_images": len(ds)}, "evaluation/thresholds.json")
@@ -112,7 +113,7 @@ class EvaluateRecipe(Recipe):
             }
 
     def _loader(self, split: str):
-        return make_loader(build_split(self.cfg.data, self.spec, split), self.cfg.data, _single(), train=False, seed=0)
+        return loader(build_split(self.cfg.data, self.spec, split), self.cfg.data, _single(), train=False, seed=0)
 
     def cleanup(self) -> None:
         tmp = getattr(self, "_tmp", None)

@@ -25,24 +25,13 @@ import torch.nn.functional as F
 from loupe.core import distributed as dist
 from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
+from loupe.core.evaluation import EvalConfig, choose_thresholds, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
-from loupe.core.optim import WarmupCosine, adamw, param_groups
-from loupe.core.recipes import Recipe, RunConfig, register_recipe
+from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
+from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
 from loupe.core.training import LoopConfig, Trainer
-from loupe.domains.cxr.common import (
-    ModelConfig,
-    OptimConfig,
-    build_split,
-    label_names,
-    make_loader,
-    output_dir,
-    predict,
-    resolve_init,
-    signature,
-    tracked_run,
-)
+from loupe.domains.cxr.common import ModelConfig, build_split, cxr_eval, label_names, loader
 from loupe.domains.cxr.data import BatchAugment, DataConfig
-from loupe.domains.cxr.evaluation import EvalConfig, choose_thresholds, evaluation_report, log_report
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +74,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=cxr_eval)
 
 
 def masked_bce(
@@ -120,7 +109,7 @@ class FinetuneRecipe(Recipe):
             torch.set_num_threads(cfg.train.threads)
         self.info = dist.init_from_env(pick_device(cfg.run.device))
         self.device = dist.device_for(self.info, pick_device(cfg.run.device))
-        self.out = output_dir(cfg, cfg.run.name or self.default_name)
+        self.out = self.output_dir(cfg.run.name or self.default_name)
         self.names = label_names(cfg.data)
         self._setup_model()
         self._setup_data()
@@ -142,9 +131,9 @@ class FinetuneRecipe(Recipe):
         cfg, seed = self.cfg, self.cfg.run.seed
         self.train_ds = build_split(cfg.data, self.spec, "train")
         self.augment = BatchAugment.randaug(self.spec, cfg.train.randaug_magnitude, cfg.train.crop_scale)
-        self.train_dl = make_loader(self.train_ds, cfg.data, self.info, train=True, seed=seed)
+        self.train_dl = loader(self.train_ds, cfg.data, self.info, train=True, seed=seed)
         val_ds = build_split(cfg.data, self.spec, "val")
-        self.val_dl = make_loader(val_ds, cfg.data, dist.DistInfo(), train=False, seed=0)
+        self.val_dl = loader(val_ds, cfg.data, dist.DistInfo(), train=False, seed=0)
         if len(self.train_dl) == 0:
             raise ConfigError(f"no full training batch: {len(self.train_ds)} samples, batch_size {cfg.data.batch_size}")
 
@@ -189,7 +178,7 @@ class FinetuneRecipe(Recipe):
     # ---------------------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         t0 = time.time()
-        with tracked_run(self.tracker, self.cfg, self.name, self.info) as run:
+        with self.tracked_run(self.info) as run:
             run.set_tags({"init": self.cfg.model.init or "random", "weights_load": self.load_report[:250]})
             self.trainer.fit(self.train_dl, on_epoch_end=lambda e, m: self._end_epoch(run, e, m))
             dist.barrier(self.info)
@@ -230,7 +219,7 @@ class FinetuneRecipe(Recipe):
         thresholds = choose_thresholds(Y_val, S_val, self.names, self.cfg.eval)
         spec = self.spec.replace(thresholds=thresholds, source=None, layout="loupe")
         test_ds = build_split(self.cfg.data, spec, "test")
-        test_dl = make_loader(test_ds, self.cfg.data, dist.DistInfo(), train=False, seed=0)
+        test_dl = loader(test_ds, self.cfg.data, dist.DistInfo(), train=False, seed=0)
         S, Y, _ = predict(model, test_dl, self.device)
         from loupe.domains.cxr.manifests import subgroup_frame
 
@@ -239,7 +228,7 @@ class FinetuneRecipe(Recipe):
         report = evaluation_report(Y, S, self.names, cfg=self.cfg.eval, thresholds=thresholds, meta=meta, groups=groups)
         log_report(run, report, self.out / "evaluation")
         model_dir = save_model(model, spec, self.out / "model")
-        run.log_dict(signature(spec), "model/signature.json")
+        run.log_dict(model_signature(spec), "model/signature.json")
         run.log_model_dir(model_dir)
         version = None
         if self.cfg.train.register_as:

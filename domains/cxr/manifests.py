@@ -1,8 +1,8 @@
 """Manifest sources for the CXR recipes: NIH ChestX-ray14 / CheXpert label files or a ready manifest (CSV/Parquet).
 
 ``data.path`` names either a dataset label file (NIH ``labels.csv`` / ``Data_Entry_2017.csv``, CheXpert
-``train.csv``), which the `loupe.core.data` adapters turn into a manifest, or a manifest itself. Splits come from
-the manifest's ``split`` column when it has one, else from a group-aware split by patient.
+``train.csv``), which the adapters of `loupe.domains.cxr.adapters` turn into a manifest, or a manifest itself.
+Splits come from the manifest's ``split`` column when it has one, else from a group-aware split by patient.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ ALL = "all"
 
 def load_manifest(data: DataConfig) -> pd.DataFrame:
     """The manifest for ``data.path`` with a ``split`` column (train / val / test by patient)."""
-    from loupe.core.data import chexpert, nih_chestxray14, read_manifest, split_by_group
+    from loupe.core.data import read_manifest, split_by_group
+    from loupe.domains.cxr.adapters import chexpert, nih_chestxray14
 
     p = Path(data.path)
     if not p.is_file():

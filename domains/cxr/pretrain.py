@@ -22,7 +22,7 @@ from loupe.core.optim import WarmupCosine, adamw, param_groups
 from loupe.core.recipes import Recipe, RunConfig, register_recipe
 from loupe.core.registry import MODELS
 from loupe.core.training import LoopConfig, Trainer, unwrap
-from loupe.domains.cxr.common import build_split, make_loader, output_dir, tracked_run
+from loupe.domains.cxr.common import build_split, loader
 from loupe.domains.cxr.data import BatchAugment, DataConfig
 from loupe.domains.cxr.models import CXR_MEAN, CXR_STD, cxr_spec
 
@@ -112,7 +112,7 @@ class MAEPretrainRecipe(Recipe):
             torch.set_num_threads(cfg.train.threads)
         self.info = dist.init_from_env(pick_device(cfg.run.device))
         self.device = dist.device_for(self.info, pick_device(cfg.run.device))
-        self.out = output_dir(cfg, cfg.run.name or "cxr_mae_pretrain")
+        self.out = self.output_dir(cfg.run.name or "cxr_mae_pretrain")
         c = cfg.model.in_chans
         self.spec = cxr_spec(
             cfg.run.name or "cxr_mae",
@@ -129,7 +129,7 @@ class MAEPretrainRecipe(Recipe):
         ddp = dist.wrap_ddp(self.mae, self.info, self.device)
         ds = build_split(cfg.data, self.spec, "train")
         self.augment = BatchAugment.mae(self.spec, cfg.train.crop_scale)
-        self.loader = make_loader(ds, cfg.data, self.info, train=True, seed=cfg.run.seed)
+        self.loader = loader(ds, cfg.data, self.info, train=True, seed=cfg.run.seed)
         if len(self.loader) == 0:
             raise ConfigError(f"no full training batch: {len(ds)} samples, batch_size {cfg.data.batch_size}")
         self._setup_trainer(ddp)
@@ -157,7 +157,7 @@ class MAEPretrainRecipe(Recipe):
 
     def train(self) -> dict[str, Any]:
         t0 = time.time()
-        with tracked_run(self.tracker, self.cfg, self.name, self.info) as run:
+        with self.tracked_run(self.info) as run:
 
             def end(epoch: int, metrics: dict[str, float]) -> None:
                 run.log_metrics({"mae_loss": metrics["train_loss"]}, step=epoch)

@@ -24,8 +24,9 @@ def _dicom(name: str) -> Path:
 
 
 def standard_loader(path: Path, spec: WeightSpec):
-    """The one unit's image and the file's metadata."""
+    """The one unit's image and the file's metadata, the scope checked as scoring does."""
     fu = single_image_units(path, spec)
+    spec.check_scope(fu.meta, path)
     (unit,) = list(fu.units)
     assert unit.info.index == 0 and unit.info.kind == "image"
     return unit.image, fu.meta

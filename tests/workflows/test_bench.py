@@ -30,3 +30,11 @@ def test_scoring_memory_runs_children_and_reports_a_ratio() -> None:
     got = json.loads(res.output)
     assert set(got["runs"]) == {"20", "60"} and all(r["peak_rss_mib"] > 50 for r in got["runs"].values())
     assert 0.5 < got["ratio_peak_rss"] < 1.5
+
+
+def test_startup_measures_help_and_one_input_against_the_bare_model() -> None:
+    res = runner.invoke(app, ["bench", "startup", "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert 0 < got["help_s"] < got["bare_load_forward_s"] < got["score_one_untracked_s"]
+    assert got["ratio_tracked_over_bare"] == pytest.approx(got["score_one_tracked_s"] / got["bare_load_forward_s"])

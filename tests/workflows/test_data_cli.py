@@ -49,3 +49,17 @@ def test_convert_then_split_then_validate_nih(shared_data: Path, tmp_path: Path)
 def test_convert_unknown_source_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["convert", "kaggle", str(tmp_path), "-o", str(tmp_path / "x.csv")])
     assert result.exit_code == 2
+
+
+def test_sources_lists_what_domains_registered() -> None:
+    result = runner.invoke(app, ["sources"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ("folder", "nih", "chexpert", "mimic"):
+        assert name in result.output
+
+
+def test_unknown_source_suggests_the_close_one(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["convert", "chexpret", str(tmp_path), "-o", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "Did you mean 'chexpert'" in result.output
+    result = runner.invoke(app, ["convert", "mimic", str(tmp_path), "-o", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "takes 2 input path(s) (METADATA_CSV CHEXPERT_CSV)" in result.output

@@ -133,10 +133,10 @@ def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
             buf.packet.files.append(rec)
             return
         fu = producer.read_units(Path(path), producer.spec)
-        producer.spec.check_scope(fu.meta, path)
         rec.meta_json = json.dumps(safe_meta(fu.meta, producer.meta_keys), sort_keys=True, default=str,
                                    separators=(",", ":"))  # fmt: skip
         rec.frame = fu.frame
+        producer.spec.check_scope(fu.meta, path)  # before any unit is taken (and preprocessed)
         buf.packet.starts[rec.path] = {"content_id": rec.content_id, "frame": fu.frame}
         units = iter(fu.units)
         busy += time.perf_counter() - t0

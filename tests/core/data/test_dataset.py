@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from loupe.core.data import ManifestDataset, collate_samples, nih_chestxray14, to_float_tensor
+from loupe.core.data import ManifestDataset, collate_samples, to_float_tensor
 from loupe.core.errors import UnsupportedInputError
 
 
@@ -60,9 +60,17 @@ def test_missing_label_column_is_refused(tmp_path: Path) -> None:
 @pytest.mark.realdata
 def test_real_nih_films_through_a_dataloader(shared_data: Path) -> None:
     root = shared_data / "cxr" / "nih14"
-    frame = nih_chestxray14(root / "labels.csv").head(4)
+    frame = nih_manifest(root).head(4)
     loader = DataLoader(
         ManifestDataset(frame, ["Effusion", "Mass"], root=root), batch_size=4, collate_fn=collate_samples
     )
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 1, 512, 512) and batch["label"].shape == (4, 2)
+
+
+def nih_manifest(root: Path) -> pd.DataFrame:
+    """The shared NIH films as a manifest, straight from labels.csv's own 0/1 columns (no domain adapter)."""
+    frame = pd.read_csv(root / "labels.csv")
+    labels = list(frame.columns[frame.columns.get_loc("Atelectasis") :])  # the 14 one-hot finding columns
+    out = pd.DataFrame({"path": "images/" + frame["Image Index"], "group": frame["Patient ID"].astype(str)})
+    return pd.concat([out, frame[labels].astype(float)], axis=1)

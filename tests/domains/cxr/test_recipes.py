@@ -185,9 +185,9 @@ def test_finetune_confidence_intervals_resample_patients(tmp_path: Path) -> None
     from PIL import Image
 
     from loupe.core.data import ManifestDataset
+    from loupe.core.evaluation import predict
     from loupe.core.metrics import per_label_auroc_ci
     from loupe.core.models import load_model_dir
-    from loupe.domains.cxr.common import predict
 
     rng = np.random.default_rng(0)
     rows = []

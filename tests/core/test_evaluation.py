@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loupe.domains.cxr.evaluation import EvalConfig, choose_thresholds, evaluation_report
+from loupe.core.evaluation import EvalConfig, choose_thresholds, evaluation_report
 
 # men: scores rank every positive above every negative (AUROC 1); women: the reverse (AUROC 0).
 Y = np.array([[1], [0], [1], [0], [1], [0], [1], [0]], dtype=float)
@@ -16,8 +16,8 @@ META = pd.DataFrame({"sex": ["M"] * 4 + ["F"] * 4, "view": ["PA"] * 8})
 
 def test_overall_and_subgroup_auroc_with_gaps() -> None:
     # overall: positives {.9,.8,.3,.4} vs negatives {.1,.2,.7,.6}: .9 and .8 beat all 4, .3 and .4 beat 2 -> 12/16
-    report = evaluation_report(Y, S, ("Pneumonia",), cfg=EvalConfig(n_boot=200, min_subgroup_n=2), meta=META,
-                               figures=False)  # fmt: skip
+    cfg = EvalConfig(n_boot=200, min_subgroup_n=2, subgroups=("sex", "age_band", "view"))
+    report = evaluation_report(Y, S, ("Pneumonia",), cfg=cfg, meta=META, figures=False)
     row = report.per_finding.iloc[0]
     assert row["label"] == "Pneumonia" and row["auroc"] == pytest.approx(0.75)
     sub = report.subgroups.set_index(["attribute", "group", "label"])

@@ -1,7 +1,8 @@
-"""The evaluation a radiologist would trust: per-finding AUROC with bootstrap 95 % CIs, macro AUROC, operating
-thresholds chosen on validation, calibration (ECE + reliability plot), ROC curves, and subgroup tables by sex,
-age band and view position with the gap to the overall AUROC ("Fairness and Robustness of CLIP-Based Models for
-Chest X-rays"). `evaluation_report` computes it from arrays; `log_report` writes it to a tracker run.
+"""The evaluation tables every classification recipe logs: per-label AUROC with bootstrap 95 % CIs (patient /
+slide / video clusters when groups are given), macro AUROC, operating thresholds chosen on validation,
+calibration (ECE + reliability plot), ROC curves, and subgroup tables (the attributes a domain names: sex, age
+band and view for chest films) with the gap to the overall AUROC. `predict` scores a loader; `evaluation_report`
+computes everything from arrays; `log_report` writes it to a tracker run.
 """
 
 from __future__ import annotations
@@ -13,10 +14,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from loupe.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader, device: torch.device, task: str = "multilabel"
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """Scores ``[N, K]`` (sigmoid; softmax for ``multiclass``), labels ``[N, K]`` and per-sample meta over a loader
+    of `loupe.core.data.collate_samples` batches (model in eval mode)."""
+    from loupe.core.models.heads import to_scores
+
+    model.eval()
+    scores, labels, metas = [], [], []
+    for batch in loader:
+        scores.append(to_scores(model(batch["image"].to(device)), task).cpu())
+        labels.append(batch["label"])
+        metas.extend(batch["meta"])
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy(), metas
 
 
 @dataclass(frozen=True)
@@ -27,7 +47,7 @@ class EvalConfig:
     alpha: float = 0.05
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.9
-    subgroups: tuple[str, ...] = ("sex", "age_band", "view")
+    subgroups: tuple[str, ...] = ()
     min_subgroup_n: int = 20
     n_bins: int = 10
 
