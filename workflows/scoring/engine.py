@@ -180,6 +180,7 @@ class Assembler:
         region = list(info.region) if info.region is not None else None
         return {
             "kind": "gradcam",
+            "method": "Grad-CAM, element-wise (ReLU(grad x activation)), last block's first norm",
             "path": self._rel(data),
             "picture": self._rel(picture),
             "encoding": ENCODING,

@@ -1,8 +1,11 @@
 """Grad-CAM maps for ViT classifiers (``pytorch_grad_cam``); `loupe.workflows.scoring.artifacts` stores them.
 
 The target layer is the last block's first norm (timm ``norm1``, open_clip ``ln_1``): its output still has one
-token per patch, and its gradient w.r.t. the explained class score is what Grad-CAM weights. Prefix tokens (CLS,
-registers) are dropped and the rest reshaped to the patch grid. Each map is stored as data (16-bit PNG over the
+token per patch. Prefix tokens (CLS, registers) are dropped and the rest reshaped to the patch grid. The map is the
+element-wise variant (``ReLU(gradient x activation)`` summed over channels), not the classic channel-mean
+weighting: on ViTs the channel means of the gradient change sign from one training run to the next, and a model
+trained to find a bright square then got a map that lit up everything *but* the square in about half the runs
+(tests/workflows/scoring/test_explain.py); the element-wise map found the square in every run. Each map is stored as data (16-bit PNG over the
 unit's region) and as a picture: the model's own input (denormalised, exactly what the model saw) beside the same
 image under the map.
 """
@@ -48,14 +51,15 @@ class ViTGradCAM:
         return x.reshape(x.shape[0], gh, gw, x.shape[-1]).permute(0, 3, 1, 2)  # [B, D, gh, gw]
 
     def __call__(self, images: torch.Tensor, scores: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
-        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam import GradCAMElementWise
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         self._grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         top = scores.argmax(-1).tolist()
         try:
             # hooks live only inside this block, so plain scoring forwards stay hook-free
-            with torch.enable_grad(), GradCAM(self.model, [self.layer], reshape_transform=self._reshape) as cam:
+            explain = GradCAMElementWise(self.model, [self.layer], reshape_transform=self._reshape)
+            with torch.enable_grad(), explain as cam:
                 maps = cam(input_tensor=images.to(self.device), targets=[ClassifierOutputTarget(k) for k in top])
         except Exception as exc:  # noqa: BLE001 - an explanation failure must not lose the scores
             log.warning("Grad-CAM failed for a batch of %d: %s", len(images), exc)
