@@ -5,9 +5,10 @@ token per patch. Prefix tokens (CLS, registers) are dropped and the rest reshape
 element-wise variant (``ReLU(gradient x activation)`` summed over channels), not the classic channel-mean
 weighting: on ViTs the channel means of the gradient change sign from one training run to the next, and a model
 trained to find a bright square then got a map that lit up everything *but* the square in about half the runs
-(tests/workflows/scoring/test_explain.py); the element-wise map found the square in every run. Each map is stored as data (16-bit PNG over the
-unit's region) and as a picture: the model's own input (denormalised, exactly what the model saw) beside the same
-image under the map.
+(tests/workflows/scoring/test_explain.py); the element-wise map found the square in every run.
+
+Each map is stored as data (16-bit PNG over the unit's region) and as a picture: the model's own input
+(denormalised, exactly what the model saw) beside the same image under the map.
 """
 
 from __future__ import annotations
