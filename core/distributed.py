@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
+from loupe.core.errors import LoupeError
+
 log = logging.getLogger(__name__)
+
+
+class DistributedError(LoupeError):
+    """A multi-process (DDP) run broke an invariant, e.g. its replicas no longer hold the same weights."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,35 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in range(info.world_size)]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)])
+
+
+def replica_report(model: nn.Module, steps: int, samples: int, info: DistInfo) -> dict[str, float]:
+    """After training under DDP (a collective: every rank calls it): the world size, each rank's optimiser steps
+    and samples, and whether all replicas hold bitwise the same weights. Diverged replicas raise
+    `DistributedError` (a model from them would be one rank's guess); without DDP, ``{}``."""
+    if not info.enabled:
+        return {}
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for p in getattr(model, "module", model).parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = {"rank": info.rank, "steps": int(steps), "samples": int(samples), "weights": h.hexdigest()}
+    everyone: list[dict] = [{} for _ in range(info.world_size)]
+    dist.all_gather_object(everyone, mine)
+    out = {"ddp_world_size": float(info.world_size)}
+    for r in everyone:
+        out[f"ddp_steps_rank{r['rank']}"], out[f"ddp_samples_rank{r['rank']}"] = float(r["steps"]), float(r["samples"])
+    distinct = {r["weights"] for r in everyone}
+    out["ddp_replicas_in_sync"] = float(len(distinct) == 1)
+    if len(distinct) > 1:
+        raise DistributedError(
+            f"DDP replicas diverged: {len(distinct)} different weight sets over {info.world_size} ranks; check that "
+            f"every rank runs the same number of steps (drop_last, equal shards) and the same model"
+        )
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -181,10 +181,13 @@ class FinetuneRecipe(Recipe):
         with self.tracked_run(self.info) as run:
             run.set_tags({"init": self.cfg.model.init or "random", "weights_load": self.load_report[:250]})
             self.trainer.fit(self.train_dl, on_epoch_end=lambda e, m: self._end_epoch(run, e, m))
-            dist.barrier(self.info)
+            steps = self.trainer.state.step
+            ddp = dist.replica_report(self.ddp_model, steps, steps * self.cfg.data.batch_size, self.info)
             if not self.info.is_main:
                 return {"rank": self.info.rank}
+            run.log_metrics(ddp)
             result = self._finish(run)
+            result |= ddp
             result["train_seconds"] = round(time.time() - t0, 1)
             run.log_metrics({"wall_seconds": result["train_seconds"]})
             return result

@@ -64,5 +64,27 @@ def test_ddp_finetune_with_two_cpu_processes_logs_one_run(tmp_path: Path, shared
     exp = client.get_experiment_by_name("ddp-test")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert "val_macro_auroc" in runs[0].data.metrics and "test_macro_auroc" in runs[0].data.metrics
+    m = runs[0].data.metrics
+    assert "val_macro_auroc" in m and "test_macro_auroc" in m
+    # both ranks trained, each on its half of the 128 films (2 steps of 32), and ended with the same weights
+    assert m["ddp_world_size"] == 2 and m["ddp_steps_rank0"] == m["ddp_steps_rank1"] == 2
+    assert m["ddp_samples_rank0"] == m["ddp_samples_rank1"] == 64 and m["ddp_replicas_in_sync"] == 1.0
     assert (tmp_path / "out" / "model" / "weights.safetensors").is_file()
+
+
+def test_diverged_replicas_are_refused_by_name(tmp_path: Path) -> None:
+    script = tmp_path / "diverge.py"
+    script.write_text(
+        "import torch\n"
+        "from loupe.core.distributed import init_from_env, replica_report, DistributedError\n"
+        "info = init_from_env(torch.device('cpu'))\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "torch.nn.init.zeros_(model.weight)\n"
+        "if info.rank == 1:\n    model.weight.data += 1e-3\n"
+        "try:\n    replica_report(model, 5, 40, info)\n"
+        "except DistributedError as exc:\n    print('REFUSED', info.rank, exc)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("REFUSED") == 2 and "DDP replicas diverged: 2 different weight sets" in proc.stdout
