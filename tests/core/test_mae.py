@@ -122,3 +122,19 @@ def test_bad_mae_config_is_refused(cfg: MAEConfig, message: str) -> None:
     backbone = create_backbone("timm:vit_tiny_patch16_224", in_chans=1, img_size=16, **TINY)
     with pytest.raises(ConfigError, match=message):
         MaskedAutoencoder(backbone, cfg)
+
+
+def test_norm_pix_loss_targets_each_patch_normalised() -> None:
+    """The paper's default: each masked patch is compared with its own pixels normalised to mean 0, variance 1, so
+    a patch's brightness and contrast do not matter, only its structure."""
+    mae = _mae(norm_pix_loss=True)
+    x = torch.randn(2, 1, 16, 16)
+    _, pred, mask = mae(x)
+    patches = patchify(x, 4)  # [2, 16, 16]
+    normalised = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = (((pred - normalised) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(mae.loss(x, pred, mask), expected)
+    brighter = x * 3.0 + 5.0  # the same structure, another exposure: the normalised targets do not change
+    torch.testing.assert_close(mae.loss(brighter, pred, mask), expected, rtol=1e-4, atol=1e-4)
+    plain = _mae(norm_pix_loss=False)
+    assert not torch.isclose(plain.loss(brighter, pred, mask), mae.loss(brighter, pred, mask))

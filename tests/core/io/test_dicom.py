@@ -263,3 +263,16 @@ def test_corrupt_geometry_value_is_named_not_defaulted() -> None:
         f"{path}: (0028,0008) NumberOfFrames is '1A', not a whole number, so the pixel data cannot be laid out; "
         "the file is truncated or corrupt; re-export it from the PACS or modality"
     )
+
+
+@pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT", "LINEAR"])
+@pytest.mark.parametrize("name", ["MR2_UNCI.dcm", "693_UNCI.dcm"])
+def test_every_voi_lut_function_matches_pydicom(tmp_path: Path, name: str, function: str) -> None:
+    """PS3.3 C.11.2.1.3: the window's VOI LUT Function changes the curve; each must match pydicom's."""
+    ds = pydicom.dcmread(_find(name))
+    ds.VOILUTFunction = function
+    path = tmp_path / f"{function}.dcm"
+    ds.save_as(path)
+    img = read_dicom(path)
+    assert img.meta["voi"]["function"] == function
+    np.testing.assert_allclose(img.array, _reference(path), atol=1e-5)
