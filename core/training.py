@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 class LoopConfig:
     """``amp``: ``auto`` (bf16 autocast on CUDA with bf16 support, else off), ``bf16``, ``fp16`` (CUDA) or ``off``.
 
-    ``ema_decay`` 0 switches EMA off; ``checkpoint_every`` 0 checkpoints only at the end of each epoch.
+    ``ema_decay`` 0 switches EMA off; ``checkpoint_every`` 0 checkpoints only at the end of each epoch;
+    ``max_seconds`` > 0 stops training (with a warning, after the step in flight) once that much time is spent, so a
+    budgeted job (the demo, a smoke run) finishes on a slow or busy machine.
     """
 
     epochs: int = 1
@@ -43,6 +46,7 @@ class LoopConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     progress: bool = True
+    max_seconds: float = 0.0
 
     def problems(self) -> list[str]:
         out = []
@@ -52,8 +56,8 @@ class LoopConfig:
             out.append(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.epochs < 1:
             out.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.checkpoint_every < 0 or self.grad_clip < 0:
-            out.append("checkpoint_every and grad_clip must be >= 0 (0 = off)")
+        if self.checkpoint_every < 0 or self.grad_clip < 0 or self.max_seconds < 0:
+            out.append("checkpoint_every, grad_clip and max_seconds must be >= 0 (0 = off)")
         return out
 
 
@@ -168,7 +172,8 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
     ) -> TrainState:
         """Train from the current state to ``cfg.epochs``; ``on_epoch_end(epoch, train_metrics)`` may return metrics."""
-        while self.state.epoch < self.cfg.epochs:
+        t0 = time.perf_counter()
+        while self.state.epoch < self.cfg.epochs and not self._out_of_time(t0):
             epoch = self.state.epoch
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -184,6 +189,10 @@ class Trainer:
                     bar(loss)
                     if on_log and self.cfg.log_every and self.state.step % self.cfg.log_every == 0:
                         on_log(self.state.step, {"train_loss_step": loss, "lr": self.optimizer.param_groups[0]["lr"]})
+                    if self._out_of_time(t0):
+                        log.warning("training stopped after %d steps: its %.0f s budget is spent", self.state.step,
+                                    self.cfg.max_seconds)  # fmt: skip
+                        break
             metrics = {"train_loss": total / max(n, 1)}
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             if on_epoch_end is not None:
@@ -191,6 +200,9 @@ class Trainer:
             self.state.history.append({"epoch": epoch, **metrics})
             self.save_checkpoint()
         return self.state
+
+    def _out_of_time(self, t0: float) -> bool:
+        return self.cfg.max_seconds > 0 and time.perf_counter() - t0 > self.cfg.max_seconds
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:

@@ -26,19 +26,15 @@ Transform = Callable[[np.ndarray, dict[str, Any]], Any]
 
 
 def to_float_tensor(array: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
-    """Array → float tensor in [0, 1], channels first: ``[H, W]`` → ``[1, H, W]``, ``[H, W, C]`` → ``[C, H, W]``.
+    """What a reader returns → float ``[C, H, W]`` in [0, 1] (``[F, C, H, W]`` for multi-frame files), through
+    `loupe.core.transforms.to_unit_float`: integers divided by the significant bits (``meta["bits_stored"]`` /
+    ``meta["bit_depth"]``), alpha dropped, floats clipped — the one pixel-to-float path of the suite."""
+    from loupe.core.transforms import to_unit_float
 
-    Integer pixels are divided by their stored bit depth's maximum (255 for 8-bit, 65535 for 16-bit).
-    """
-    x = np.asarray(array)
-    if np.issubdtype(x.dtype, np.integer):
-        bits = int(meta.get("bit_depth") or x.dtype.itemsize * 8)
-        x = x.astype(np.float32) / float(2**bits - 1)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    multi = int(meta.get("frames", 1)) > 1
-    spatial_ndim = x.ndim - (1 if multi else 0)
-    x = x[..., None] if spatial_ndim == 2 else x  # add a channel axis
-    return torch.from_numpy(np.moveaxis(x, -1, -3).copy())
+    bits = meta.get("bits_stored") or meta.get("bit_depth")
+    if int(meta.get("frames", 1)) > 1:
+        return torch.stack([to_unit_float(frame, bits) for frame in np.asarray(array)])
+    return to_unit_float(array, bits)
 
 
 class ManifestDataset(Dataset):

@@ -237,40 +237,37 @@ def _crop(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _fit(model: torch.nn.Module, train: Split, steps: int, run: Any, budget_s: float) -> int:
-    """A fixed-budget loop: AdamW, BCE on the single logit, batches drawn with replacement.
+    """``steps`` AdamW steps of BCE on the single logit (batches of 96 drawn with replacement, warm-up + cosine)
+    through the project's `Trainer`, stopping early after ``budget_s`` seconds; returns the steps run."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-    Stops early after ``budget_s`` seconds (a slow or busy machine still finishes the demo); returns the steps run.
-    """
-    t0 = time.perf_counter()
+    from loupe.core.optim import WarmupCosine
+    from loupe.core.training import LoopConfig, Trainer
+
+    x, y = train
+    ds = TensorDataset(x, y)
+    sampler = RandomSampler(ds, replacement=True, num_samples=steps * 96, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0])[:, 0], batch[1])
+
+    cfg = LoopConfig(epochs=1, amp="off", log_every=20, progress=False, max_seconds=budget_s)
+    trainer = Trainer(model, opt, loss_fn, schedule=WarmupCosine(2e-3, steps, steps // 10), cfg=cfg)
+
+    def on_log(step: int, m: dict[str, float]) -> None:
+        if run is not None:
+            run.log_metrics({"train_loss": m["train_loss_step"]}, step=step)
+
     threads = torch.get_num_threads()
     # matrices this small gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x
     torch.set_num_threads(1)
     try:
-        return _loop(model, train, steps, run, budget_s, t0)
+        trainer.fit(DataLoader(ds, batch_size=96, sampler=sampler), on_log=on_log)
     finally:
         torch.set_num_threads(threads)
-
-
-def _loop(model: torch.nn.Module, train: Split, steps: int, run: Any, budget_s: float, t0: float) -> int:
-    x, y = train
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (96,), generator=g)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx])[:, 0], y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if run is not None and (step % 20 == 0 or step == steps - 1):
-            run.log_metrics({"train_loss": float(loss.detach())}, step=step)
-        if time.perf_counter() - t0 > budget_s:
-            log.warning("demo training stopped after %d steps: its %.0f s budget is spent", step + 1, budget_s)
-            break
     model.eval()
-    return step + 1
+    return trainer.state.step
 
 
 def _with_threshold(model: torch.nn.Module, spec: WeightSpec, val: Split, run: Any) -> WeightSpec:

@@ -110,3 +110,18 @@ def test_bad_loop_config_is_refused() -> None:
         t = Trainer(torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1),
                     lambda m, b: m(b).sum(), cfg=LoopConfig(amp="fp16"))  # fmt: skip
         t.step(torch.ones(1, 1))
+
+
+def test_a_time_budget_stops_training_early() -> None:
+    import time
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def slow_loss(m, batch):
+        time.sleep(0.05)
+        return m(batch).pow(2).mean()
+
+    trainer = Trainer(model, opt, slow_loss, cfg=LoopConfig(epochs=3, progress=False, max_seconds=0.3))
+    state = trainer.fit([torch.randn(4, 2) for _ in range(50)])
+    assert 3 <= state.step <= 12  # 150 steps asked, about 0.3 s / 0.05 s taken
