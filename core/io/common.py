@@ -66,3 +66,19 @@ def check_pixel_count(path: str | Path, dims: tuple[int, ...], what: str, max_pi
             f"{what} declares {total:,} pixel values {tuple(dims)}, more than the limit of {max_pixels:,}",
             "the header is corrupt or the image must be tiled (raise max_pixels only if the size is real)",
         )
+
+
+def unreadable(path: str | Path, exc: OSError) -> UnsupportedInputError:
+    """The `UnsupportedInputError` for a file the OS would not hand over (missing, a folder, no permission, I/O)."""
+    if isinstance(exc, FileNotFoundError):
+        problem, fix = (
+            "the file does not exist",
+            "check the path (a manifest's relative paths are read from its folder)",
+        )
+    elif isinstance(exc, IsADirectoryError):
+        problem, fix = "is a folder, not a file", "pass the files inside it"
+    elif isinstance(exc, PermissionError):
+        problem, fix = "cannot be read (permission denied)", "check the file's permissions"
+    else:
+        problem, fix = f"cannot be read ({exc.strerror or exc})", "check the disk and the path"
+    return input_error(path, problem, fix)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loupe.core.io.common import input_error
+from loupe.core.io.common import input_error, unreadable
 
 #: Files up to this size are hashed whole.
 FULL_HASH_LIMIT = 256 * 2**20
@@ -48,16 +48,8 @@ def content_identity(path: str | Path, full_hash_limit: int = FULL_HASH_LIMIT) -
             digest = _full(p)
             return Identity(f"sha256:{digest}", digest, st.st_size)
         return Identity(f"sampled:{_sampled(p, st.st_size, st.st_mtime_ns)}", None, st.st_size)
-    except FileNotFoundError as exc:
-        raise input_error(
-            p, "the file does not exist", "check the path (a manifest's relative paths are read from its folder)"
-        ) from exc
-    except PermissionError as exc:
-        raise input_error(p, "cannot be read (permission denied)", "check the file's permissions") from exc
-    except IsADirectoryError as exc:
-        raise input_error(p, "is a folder, not a file", "pass the files inside it") from exc
     except OSError as exc:
-        raise input_error(p, f"cannot be read ({exc.strerror or exc})", "check the disk and the path") from exc
+        raise unreadable(p, exc) from exc
 
 
 def file_sha256(path: str | Path) -> str:

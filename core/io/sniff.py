@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from loupe.core.io.common import input_error
+from loupe.core.io.common import input_error, unreadable
 
 Format = Literal["dicom", "dicom-no-preamble", "png", "jpeg", "tiff", "unknown"]
 
@@ -63,12 +63,8 @@ def sniff_format(path: str | Path) -> Format:
     try:
         with p.open("rb") as fh:
             head = fh.read(132)
-    except FileNotFoundError as exc:
-        raise input_error(p, "the file does not exist", "check the path (and the manifest's --root)") from exc
-    except IsADirectoryError as exc:
-        raise input_error(p, "is a folder, not a file", "pass the path of an image or DICOM file") from exc
     except OSError as exc:
-        raise input_error(p, f"cannot be opened ({exc.strerror or exc})", "check the file's permissions") from exc
+        raise unreadable(p, exc) from exc
     if not head:
         raise input_error(p, "the file is empty (0 bytes)", "re-export or re-download the file")
     return sniff_bytes(head)
