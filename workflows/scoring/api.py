@@ -165,7 +165,7 @@ def _score_resolved(
             run.log_artifact(table.out, "predictions")
             if summary.units_out is not None:
                 run.log_artifact(summary.units_out, "predictions")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (a scheduler stopping the job, see the CLI)
         raise ScoringInterrupted(summary, table.parts_dir) from None
     return summary
 
