@@ -185,3 +185,29 @@ def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_m
         pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-9, rtol=0)
     masks = sorted(p.name for p in (tmp_path / "ray.parquet.artifacts").iterdir())
     assert masks == sorted(p.name for p in (tmp_path / "local.parquet.artifacts").iterdir()) and len(masks) == 6
+
+
+def test_attention_mil_aggregation_scores_the_file_from_all_its_units(tmp_path: Path) -> None:
+    """``aggregation: attention``: the file's score is the model's MIL head over its ok units' embeddings."""
+    torch.manual_seed(1)
+    spec = tu.mask_spec(name="tiles-mil", outputs=("scores", "attention"), aggregation="attention",
+                        model_kwargs={"head": "mil", "mil_hidden": 16})  # fmt: skip
+    model, _ = build_model(spec)
+    folder = save_model(model.eval(), spec, tmp_path / "mil")
+    root = _inputs(tmp_path / "in", n=3)
+    out = tmp_path / "p.parquet"
+    score(ScoreOptions(domain=tu.NAME, input=root, model=f"local-dir:{folder}", out=out, track=False, num_workers=0))
+    files, units = pd.read_parquet(out).set_index("path"), pd.read_parquet(units_path(out))
+    model, spec = load_model_dir(folder)
+    for name in ("img_000.png", "img_badtile.png"):
+        mine = units[(units.path == name) & (units.status == "ok")].sort_values("unit")
+        assert mine.attention.sum() == pytest.approx(1.0) and (mine.attention > 0).all()
+        pixels = np.asarray(Image.open(root / name))
+        tiles = torch.stack([ModelInput(spec)(pixels[y : y + h, x : x + w])
+                             for x, y, w, h in zip(mine.x, mine.y, mine.width, mine.height, strict=True)])  # fmt: skip
+        with torch.inference_mode():
+            bag = model.aggregate_units(model.forward_outputs(tiles)["embedding"])
+        expected = torch.sigmoid(bag["logits"]).double().tolist()
+        assert [files.loc[name, "score_Lesion"], files.loc[name, "score_Artefact"]] == pytest.approx(expected)
+        assert mine.attention.tolist() == pytest.approx(bag["attention"].tolist())
+    assert len(units[units.path == "img_badtile.png"].query("status == 'ok'")) == 3  # the failed tile is left out
