@@ -295,6 +295,64 @@ class MlflowTracker:
                 )
         return out
 
+    # ------------------------------------------------------------------------------------ reading runs back
+    def runs(self, domain: str | None = None, max_results: int = 500) -> list[dict[str, Any]]:
+        """Runs of every experiment (of one domain: tag ``domain``), newest first, as plain dicts: ``run_id``,
+        ``name``, ``experiment``, ``status``, ``start_time`` (ms), ``tags``, ``params``, ``metrics``."""
+        experiments = {e.experiment_id: e.name for e in self.client.search_experiments()}
+        if not experiments:
+            return []
+        where = f"tags.domain = '{domain}'" if domain else ""
+        found = self.client.search_runs(list(experiments), filter_string=where, max_results=max_results,
+                                        order_by=["attributes.start_time DESC"])  # fmt: skip
+        return [
+            {"run_id": r.info.run_id, "name": r.info.run_name, "experiment": experiments.get(r.info.experiment_id),
+             "status": r.info.status, "start_time": r.info.start_time, "tags": dict(r.data.tags),
+             "params": dict(r.data.params), "metrics": dict(r.data.metrics)}
+            for r in found
+        ]  # fmt: skip
+
+    def artifacts(self, run_id: str, path: str = "") -> list[str]:
+        """Paths of every artifact file of a run under ``path``, recursively."""
+        out = []
+        for f in self.client.list_artifacts(run_id, path or None):
+            out += self.artifacts(run_id, f.path) if f.is_dir else [f.path]
+        return out
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path:
+        """One artifact of a run, downloaded into ``dst``."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def promote(self, name: str, version: str, alias: str, reason: str, by: str) -> dict[str, Any]:
+        """Point ``alias`` of ``name`` at ``version`` and record who did it, when, why and what it replaced as a tag
+        of the version (``loupe.promotion.<alias>``); returns that record."""
+        import datetime as dt
+
+        from mlflow.exceptions import MlflowException
+
+        if not reason.strip() or not by.strip():
+            raise TrackingError("a promotion needs a reason and the name of who promotes")
+        try:
+            previous = str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            previous = None
+        record = {"alias": alias, "version": str(version), "previous_version": previous, "reason": reason.strip(),
+                  "by": by.strip(), "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+            self.client.set_model_version_tag(name, str(version), f"loupe.promotion.{alias}", json.dumps(record))
+        except MlflowException as exc:
+            raise TrackingError(f"could not promote {name} v{version} to @{alias}: {exc.message}") from None
+        return record
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(name, str(version)).tags)
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
 
 def sys_exc() -> BaseException | None:
     import sys

@@ -260,6 +260,33 @@ def demo_cmd(
         _fail(ConfigError("no registered domain brings a demo (DomainInfo.demo_inputs / demo_model)"))
 
 
+@app.command("dashboard")
+def dashboard_cmd(
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder of predictions tables; the review store and uploads live there [./loupe-demo]."
+    ),
+    tracking_uri: str | None = TrackingUri,
+    port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port to serve on (localhost)."),
+    address: str = typer.Option("127.0.0.1", "--address", help="Interface to listen on."),
+) -> None:
+    """The review dashboard (Streamlit): queue, case view, decisions, agreement and export, experiments, uploads."""
+    import importlib.util
+    import subprocess
+
+    from loupe.workflows.review.uploads import MAX_UPLOAD_BYTES
+
+    spec = importlib.util.find_spec("loupe.apps")  # located, not imported: apps sits above workflows
+    if spec is None or not spec.submodule_search_locations:
+        _fail(ConfigError("the dashboard (loupe.apps) is not installed; reinstall with pip install -e ."))
+    app_path = Path(next(iter(spec.submodule_search_locations))) / "dashboard.py"
+    args = [a for k, v in (("--data", data), ("--tracking-uri", tracking_uri)) if v for a in (k, str(v))]
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port), "--server.address",
+           address, "--server.headless", "true", "--server.maxUploadSize", str(MAX_UPLOAD_BYTES // 2**20),
+           "--browser.gatherUsageStats", "false", "--", *args]  # fmt: skip
+    console.print(f"Loupe dashboard on [bold]http://{address}:{port}[/] (Ctrl-C stops it)", highlight=False)
+    raise typer.Exit(subprocess.call(cmd))
+
+
 @weights_app.command("list")
 def weights_list() -> None:
     """Registered weight tags and whether each is in the local cache."""

@@ -104,3 +104,7 @@ def _final_report(results: list[DemoResult], uri: str, console: Console) -> None
         console.print(f"MLflow UI: [bold]mlflow ui --backend-store-uri {uri}[/]", highlight=False, soft_wrap=True)
     else:
         console.print(f"MLflow runs are in {uri}", highlight=False, soft_wrap=True)
+    out = next((r.summary.out.parent.parent for r in results if r.summary is not None), None)
+    if out is not None:
+        console.print(f"Review the cases: [bold]loupe dashboard --data {out} --tracking-uri {uri}[/]",
+                      highlight=False, soft_wrap=True)  # fmt: skip

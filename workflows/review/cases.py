@@ -7,6 +7,7 @@ cases appear through the one contract (`loupe.core.review`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,34 @@ from loupe.core.errors import ConfigError
 from loupe.core.registry import DOMAINS, discover_domains
 from loupe.core.review import CaseContext, ReviewCase, default_case
 from loupe.workflows.scoring.table import SCHEMA_VERSION, table_metadata, units_path
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A predictions table found under a folder: where, which domain(s), how many rows, when written."""
+
+    path: Path
+    domains: tuple[str, ...]
+    rows: int
+    mtime: float
+
+
+def find_tables(root: str | Path) -> list[TableInfo]:
+    """Every Loupe predictions table (schema 2) under ``root``, newest first; other Parquet files are ignored."""
+    found = []
+    for p in sorted(Path(root).rglob("*.parquet")):
+        if ".parts" in p.parent.name or p.name.endswith(".units.parquet"):
+            continue
+        try:
+            md = table_metadata(p)
+            if md.get("loupe.schema") != SCHEMA_VERSION or md.get("loupe.table") != "files":
+                continue
+            t = pq.read_table(p, columns=["domain"])
+        except Exception:  # noqa: BLE001 - a damaged or foreign Parquet file is simply not a table to review
+            continue
+        domains = tuple(sorted({d for d in t.column("domain").to_pylist() if d}))
+        found.append(TableInfo(p.resolve(), domains, t.num_rows, p.stat().st_mtime))
+    return sorted(found, key=lambda t: -t.mtime)
 
 
 def case_context(table: Path) -> CaseContext:
