@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-APP = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"
 INPUTS = ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "CT_small.dcm")
 
 

@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from loupe.workflows.review.store import ReviewStore
 
-from .conftest import APP  # noqa: TID252 - the app beside the tests
+APP = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"
 
 
 def _app(reviewer: str | None = None) -> AppTest:
