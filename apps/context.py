@@ -58,6 +58,14 @@ def tracker(uri: str | None):
     return make_tracker(uri)
 
 
+@st.cache_resource(show_spinner="loading the model", max_entries=4)
+def model(ref: str, domain: str, uri: str | None):
+    """A model resolved once per (reference, domain, store) and kept for every session (uploads score with it)."""
+    from loupe.workflows.scoring import resolve_model
+
+    return resolve_model(ref, domain, tracker(uri))
+
+
 @st.cache_data(ttl=30, show_spinner=False)
 def tables(data: str) -> list[TableInfo]:
     return find_tables(data)

@@ -23,8 +23,10 @@ if upload is not None:
     try:
         stored = store_upload(cfg.data, upload.name, upload.getvalue())
         with st.spinner("scoring"):
-            model = champion(domain, ctx.tracker(cfg.tracking_uri))
-            case = score_upload(stored, domain, model, ctx.tracker(cfg.tracking_uri).uri)
+            tracker = ctx.tracker(cfg.tracking_uri)
+            name, version = tracker.model_version(champion(domain, tracker))
+            model = f"models:/{name}/{version}"  # pinned: a later promotion must not be served from the cache
+            case = score_upload(stored, domain, model, tracker.uri, resolved=ctx.model(model, domain, cfg.tracking_uri))
     except LoupeError as exc:
         st.error(str(exc))
         st.stop()

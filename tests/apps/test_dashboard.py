@@ -168,7 +168,7 @@ def test_an_upload_of_a_real_film_is_scored_by_the_champion(dashboard: tuple[Pat
     film = Path(get_testdata_file("RG1_UNCR.dcm", download=False)).read_bytes()
     at.file_uploader(key="upload-file").set_value(("Jane_Doe_chest.dcm", film, "application/dicom")).run()
     _no_errors(at)
-    assert any("scored with models:/cxr-tiny@champion" in s.value for s in at.success)
+    assert any("scored with models:/cxr-tiny/1" in s.value for s in at.success)  # the champion's version
     assert at.dataframe[0].value.set_index("finding").loc["Pneumonia", "threshold"] == 0.3
 
 

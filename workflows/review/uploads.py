@@ -71,9 +71,10 @@ def champion(domain: str, tracker, alias: str = "champion") -> str:
     )
 
 
-def score_upload(upload: Upload, domain: str, model: str, tracking_uri: str | None) -> ReviewCase:
-    """Score the stored upload with ``model`` into ``<its folder>/predictions.parquet`` (an MLflow run of the
-    ``loupe-dashboard`` experiment) and return its review case (a failed case says why in its status)."""
+def score_upload(upload: Upload, domain: str, model: str, tracking_uri: str | None, resolved=None) -> ReviewCase:
+    """Score the stored upload with ``model`` (``resolved``: that model already loaded) into
+    ``<its folder>/predictions.parquet`` (an MLflow run of the ``loupe-dashboard`` experiment) and return its review
+    case (a failed case says why in its status)."""
     from loupe.workflows.review.cases import review_cases
     from loupe.workflows.scoring import ScoreOptions, score
 
@@ -81,6 +82,6 @@ def score_upload(upload: Upload, domain: str, model: str, tracking_uri: str | No
     opts = ScoreOptions(domain=domain, input=upload.path.parent, model=model, out=out, mode="overwrite",
                         explain=True, num_workers=0, tracking_uri=tracking_uri, experiment="loupe-dashboard",
                         tags={"source": "dashboard-upload"})  # fmt: skip
-    score(opts)
+    score(opts, resolved=resolved)
     (case,) = list(review_cases(out))
     return case

@@ -114,8 +114,17 @@ def _trackers(opts: ScoreOptions) -> tuple[Tracker | None, Tracker]:
     return real, (real if opts.track and real is not None else NullTracker())
 
 
-def score(opts: ScoreOptions, on_start: Callable[[int], None] | None = None, on_progress: Progress | None = None):
-    """Score every input of ``opts.input`` into ``opts.out``; see the module and `ScoreOptions`."""
+def score(
+    opts: ScoreOptions,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
+    resolved: ResolvedModel | None = None,
+):
+    """Score every input of ``opts.input`` into ``opts.out``; see the module and `ScoreOptions`.
+
+    ``resolved``: the model ``opts.model`` names, already loaded (a long-lived caller such as the dashboard keeps
+    it); it is not closed here.
+    """
     discover_domains()
     info: DomainInfo = DOMAINS.get(opts.domain)  # unknown domain → UnknownNameError with suggestions
     suffixes = IMAGE_SUFFIXES | {s.lower() for s in info.input_suffixes}
@@ -124,6 +133,8 @@ def score(opts: ScoreOptions, on_start: Callable[[int], None] | None = None, on_
     inputs = collect_inputs(opts.input, exclude=exclude, suffixes=suffixes)  # no inputs: usage error, at once
     PartsTable(out, table_schema((), str(inputs.root))).check(opts.mode)  # refused before the model is loaded
     registry, tracker = _trackers(opts)
+    if resolved is not None:
+        return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
     resolved = resolve_model(opts.model, opts.domain, registry)
     try:
         return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
