@@ -69,7 +69,7 @@ class FileUnits:
     units: Iterable[Unit | UnitFailure]
 
 
-UnitReader = Callable[[Path, WeightSpec], FileUnits]
+UnitReader = Callable[[Path, WeightSpec, "dict[str, Any] | None"], FileUnits]  # (file, spec, unit options)
 
 
 def input_region(spec: WeightSpec, height: int, width: int) -> Region:
@@ -83,7 +83,7 @@ def input_region(spec: WeightSpec, height: int, width: int) -> Region:
     return (width - cw) // 2, (height - ch) // 2, cw, ch
 
 
-def single_image_units(path: Path, spec: WeightSpec) -> FileUnits:
+def single_image_units(path: Path, spec: WeightSpec, options: dict[str, Any] | None = None) -> FileUnits:
     """The default unit reader: one unit, the whole image (first frame of a multi-frame DICOM), read by content
     and preprocessed as the spec says when the unit is taken (after the caller has checked the model's scope on
     ``meta``: an out-of-scope file is refused before any preprocessing)."""

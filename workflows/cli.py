@@ -202,6 +202,9 @@ def score_cmd(
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray backend: cluster address (auto, ...)."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log the run (table, counts) to MLflow."),
     tracking_uri: str | None = TrackingUri,
+    option: list[str] = typer.Option(
+        None, "--option", help="Unit option over the model's, key=value (e.g. mpp=0.25 for slides that state none)."
+    ),
 ) -> None:
     """Score every input under --input into one predictions row each (and unit rows where the domain has units).
     Exit 1 if any input failed."""
@@ -212,6 +215,12 @@ def score_cmd(
         _fail(ConfigError("--resume and --overwrite contradict each other; pick one"))
     if backend not in ("local", "ray"):
         _fail(ConfigError(f"--backend {backend!r} is unknown; use local or ray"))
+    from loupe.core.config import apply_overrides
+
+    try:
+        options = apply_overrides({}, list(option or []))
+    except LoupeError as exc:
+        _fail(exc)
     opts = ScoreOptions(
         domain=domain,
         input=input_path,
@@ -226,6 +235,7 @@ def score_cmd(
         ray=RayOptions(actors=ray_actors, gpus_per_actor=ray_gpus, address=ray_address),
         track=track,
         tracking_uri=tracking_uri,
+        options=options,
     )
     try:
         with progress_bar(err) as (on_start, on_progress):

@@ -49,6 +49,9 @@ class WeightSpec:
     ``outputs``: the named outputs the model returns (see `OUTPUT_KINDS`); ``aggregation``: how unit scores make
     the file's (see `AGGREGATIONS`); ``unit_thresholds``: operating thresholds per label for single units
     (default: ``thresholds``); ``mask_threshold``: the pixel-probability threshold of a ``mask`` output.
+    ``unit_options``: how the domain cuts units for this model (a pathology model's tile size in microns, a video
+    model's frames per clip); a run may override them (``loupe score --option key=value``). Part of the
+    preprocessing hash.
     """
 
     name: str
@@ -75,6 +78,7 @@ class WeightSpec:
     aggregation: str = "mean"
     unit_thresholds: dict[str, float] = field(default_factory=dict)
     mask_threshold: float = 0.5
+    unit_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -178,13 +182,16 @@ class WeightSpec:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc}); restore it from the model's MLflow run") from None
 
-    def preprocessing(self) -> dict[str, Any]:
-        """The fields that decide how an input becomes a tensor (hashed into every prediction row)."""
+    def preprocessing(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields that decide how an input becomes a tensor (hashed into every prediction row); ``options``:
+        a run's unit options on top of the spec's own."""
         keys = ("input_size", "mean", "std", "intensity", "interpolation", "resize_mode")
-        return {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in keys}
+        out = {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in keys}
+        units = {**self.unit_options, **(options or {})}
+        return {**out, "unit_options": units} if units else out
 
-    def preprocessing_hash(self) -> str:
-        blob = json.dumps(self.preprocessing(), sort_keys=True).encode()
+    def preprocessing_hash(self, options: dict[str, Any] | None = None) -> str:
+        blob = json.dumps(self.preprocessing(options), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ NAME = "testunits"
 GRID = 2
 
 
-def read_tiles(path: Path, spec: WeightSpec) -> FileUnits:
+def read_tiles(path: Path, spec: WeightSpec, options: dict | None = None) -> FileUnits:
     img = read_any(path)
     array = img.array
     h, w = array.shape[:2]

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +59,7 @@ class ScoreOptions:
     tracking_uri: str | None = None
     experiment: str = EXPERIMENT
     tags: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # unit options over the model's (`--option key=value`)
 
 
 @dataclass
@@ -155,6 +156,8 @@ def _score_resolved(
     labels = rm.spec.label_names
     table = PartsTable(opts.out, table_schema(labels, root), unit_schema(labels, root) if info.unit_table else None)
     table.prepare(opts.mode)
+    if opts.options:  # the run cuts units otherwise than the model's spec says: that is other preprocessing
+        rm.provenance = replace(rm.provenance, preprocessing_hash=rm.spec.preprocessing_hash(opts.options))
     provenance = {**rm.provenance.to_dict(), "aggregation": rm.spec.aggregation}
     done = table.done_keys(provenance)
     summary = ScoreSummary(out=table.out, inputs=len(inputs.paths), not_images=inputs.skipped)
@@ -186,7 +189,8 @@ def _batches(
 ) -> Iterator[BatchResult]:
     schemas = (table.schema, table.unit_schema)
     provenance = {**rm.provenance.to_dict(), "out_name": table.out.name}
-    producer = {"root": str(inputs.root), "done": frozenset(done), "batch_size": opts.batch_size}
+    producer = {"root": str(inputs.root), "done": frozenset(done), "batch_size": opts.batch_size,
+                "options": tuple(sorted(opts.options.items()))}  # fmt: skip
     if opts.backend == "ray":
         ray_kwargs = {"model_dir": str(rm.model_dir), "provenance": provenance, "domain": opts.domain,
                       "producer": producer, "explain": opts.explain, "table_dir": str(table.out.parent)}  # fmt: skip
@@ -254,6 +258,7 @@ def _params(opts: ScoreOptions, rm: ResolvedModel, inputs: InputList, n_done: in
         "mode": opts.mode,
         "labels": list(rm.spec.label_names),
         "already_scored": n_done,
+        **{f"option.{k}": v for k, v in opts.options.items()},
     }
 
 

@@ -85,6 +85,7 @@ class Producer:
     done: frozenset[str] = frozenset()
     batch_size: int = 32
     meta_keys: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()  # the run's unit options over the spec's (key, value) pairs
 
     def recorded(self, path: str) -> str:
         import os
@@ -132,7 +133,7 @@ def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
             rec.skipped = True
             buf.packet.files.append(rec)
             return
-        fu = producer.read_units(Path(path), producer.spec)
+        fu = producer.read_units(Path(path), producer.spec, {**producer.spec.unit_options, **dict(producer.options)})
         rec.meta_json = json.dumps(safe_meta(fu.meta, producer.meta_keys), sort_keys=True, default=str,
                                    separators=(",", ":"))  # fmt: skip
         rec.frame = fu.frame
