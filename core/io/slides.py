@@ -92,8 +92,8 @@ class Slide:
         except UnsupportedInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - boundary: the backends raise many types on damaged data
-            raise input_error(self.path, f"cannot read the region {location} {size} at level {level} "
-                              f"({type(exc).__name__}: {exc})", "the slide is damaged; re-export it") from exc  # fmt: skip
+            problem = f"cannot read the region {location} {size} at level {level} ({type(exc).__name__}: {exc})"
+            raise input_error(self.path, problem, "the slide is damaged; re-export it") from exc
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
