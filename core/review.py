@@ -87,6 +87,7 @@ class ReviewCase:
     findings: tuple[Finding, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     timeline: tuple[dict[str, Any], ...] = ()  # per frame / time point: {"time_s", "frame_index", "score", "label"}
+    highlights: tuple[dict[str, Any], ...] = ()  # regions to look at closely: {"region", "score", "label", "unit"}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +100,7 @@ class ReviewCase:
         d["overlays"] = tuple(Overlay(**{**x, "cells": tuple(x.get("cells", ()))}) for x in d.get("overlays", ()))
         d["findings"] = tuple(Finding(**x) for x in d.get("findings", ()))
         d["timeline"] = tuple(d.get("timeline", ()))
+        d["highlights"] = tuple(d.get("highlights", ()))
         return cls(**d)
 
 
@@ -218,6 +220,19 @@ def render_layer(layer: Layer, max_side: int = 1024) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     return downsample(a, max_side)
+
+
+def read_highlight(source: str, region: list[int] | tuple[int, ...], max_side: int = 512) -> np.ndarray:
+    """A region of the case's file (a slide's tile at full resolution, or an image's crop) for display, RGB floats
+    0..1 with its longer side at most ``max_side``."""
+    from loupe.core.io.slides import open_slide
+
+    x, y, w, h = (int(v) for v in region)
+    with open_slide(source) as slide:
+        level = slide.best_level(max(w, h) / max_side)
+        d = slide.level_downsamples[level]
+        rgb = slide.read_region((x, y), level, (max(1, round(w / d)), max(1, round(h / d))))
+    return downsample(rgb.astype(np.float32) / 255.0, max_side)
 
 
 def downsample(a: np.ndarray, max_side: int) -> np.ndarray:

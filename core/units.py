@@ -49,10 +49,24 @@ class Unit:
 
 @dataclass
 class UnitFailure:
-    """A unit that could not be read; ``reason`` is one line naming what was wrong."""
+    """A unit that could not be read (``status`` ``failed``) or that quality control leaves out (``excluded``:
+    background, pen, blur); ``reason`` is one line naming what was wrong."""
 
     reason: str
     info: UnitInfo
+    status: str = "failed"
+
+
+@dataclass
+class FileArtifact:
+    """Something a reader makes once per file for the reviewer (a slide's thumbnail, its tissue mask, outlines):
+    ``data`` is an image array (``uint8`` RGB / grey, or float values in 0..1) or text; ``frame`` places it on the
+    file (``{"space": "file", "scale": s}``); ``suffix`` the file type (``.png``, ``.geojson``)."""
+
+    kind: str
+    data: Any
+    frame: dict[str, Any]
+    suffix: str = ".png"
 
 
 @dataclass
@@ -61,12 +75,13 @@ class FileUnits:
 
     ``meta``: the reader's metadata (filtered through `loupe.core.io.safe_meta` before it is stored);
     ``frame``: the file's coordinate frame, ``{"width": W, "height": H}`` in pixels (level 0 for slides);
-    ``units``: the units, produced lazily.
+    ``units``: the units, produced lazily; ``artifacts``: per-file things to store (see `FileArtifact`).
     """
 
     meta: dict[str, Any]
     frame: dict[str, Any] | None
     units: Iterable[Unit | UnitFailure]
+    artifacts: list[FileArtifact] = field(default_factory=list)
 
 
 UnitReader = Callable[[Path, WeightSpec, "dict[str, Any] | None"], FileUnits]  # (file, spec, unit options)

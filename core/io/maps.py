@@ -24,8 +24,10 @@ def save_map(values: np.ndarray, dst: str | Path) -> None:
 
 
 def load_map(path: str | Path) -> np.ndarray:
-    """A map written by `save_map`, back in [0, 1] (float32)."""
+    """A map written by `save_map` (or an 8-bit mask), back in [0, 1] (float32)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im, dtype=np.float32) / 65535.0
+        a = np.asarray(im)
+    top = 255.0 if a.dtype == np.uint8 else 65535.0  # 8-bit masks (0 / 255) read as 0 / 1 too
+    return a.astype(np.float32) / top

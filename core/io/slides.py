@@ -69,7 +69,7 @@ class Slide:
             raise input_error(
                 self.path,
                 "the slide states no microns per pixel, so tiles at a physical size cannot be cut",
-                "pass the scanner's resolution (e.g. `--option mpp=0.25` for 40x, 0.5 for 20x)",
+                "give the scanner's resolution in microns per pixel (0.25 at 40x, 0.5 at 20x)",
             )
         return (self.mpp[0] + self.mpp[1]) / 2
 

@@ -222,4 +222,8 @@ def _rule_broken(key: str, rule: Any, meta: dict[str, Any]) -> str | None:
     except (TypeError, ValueError):
         return f"{key} is {value!r}, not a number"
     lo, hi = rule.get("min", -math.inf), rule.get("max", math.inf)
-    return None if lo <= v <= hi else f"{key} is {v:g}, outside [{lo:g}, {hi:g}]"
+    if lo <= v <= hi:
+        return None
+    if "min" in rule and "max" in rule:
+        return f"{key} is {v:g}, outside [{lo:g}, {hi:g}]"
+    return f"{key} is {v:g}, above the {hi:g} allowed" if v > hi else f"{key} is {v:g}, below the {lo:g} required"

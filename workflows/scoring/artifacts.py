@@ -93,3 +93,26 @@ def overlay_picture(model_input: np.ndarray, cam: np.ndarray, dst: Path, min_sid
 
 def safe_label(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def encoding_of(artifact) -> str:
+    """How a reader's artifact is stored: ``text`` (GeoJSON...), ``png16/65535`` (values), ``png8`` (a picture or a
+    0/255 mask)."""
+    if isinstance(artifact.data, str):
+        return "text"
+    return ENCODING if np.issubdtype(np.asarray(artifact.data).dtype, np.floating) else "png8"
+
+
+def save_file_artifact(artifact, dst: Path) -> None:
+    """Write a reader's `FileArtifact`: text as is, float maps as 16-bit PNGs, uint8 / bool images as 8-bit PNGs."""
+    from PIL import Image
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(artifact.data, str):
+        dst.write_text(artifact.data)
+        return
+    a = np.asarray(artifact.data)
+    if np.issubdtype(a.dtype, np.floating):
+        save_map(a, dst)
+    else:
+        Image.fromarray(a.astype(np.uint8) * (255 if a.dtype == bool else 1)).save(dst)

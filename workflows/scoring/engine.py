@@ -123,6 +123,7 @@ class Assembler:
         self.thresholds_json = json.dumps(self.thresholds, sort_keys=True)
         self.table_dir, self.artifacts_dir = table_dir, artifacts_dir
         self.keep_units, self.explainer = keep_units, explainer
+        self.top_units = 8
         self._open: dict[str, _Acc] = {}
 
     def add(self, packet: Packet, out: UnitOutputs | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -198,21 +199,68 @@ class Assembler:
         if rec.status != "ok" or acc is None:
             return row, []
         ok = [s for s in acc.scores if s is not None]
-        row["n_units"], row["n_units_failed"] = len(acc.statuses), len(acc.statuses) - len(ok)
+        failed = sum(st.startswith("failed") for st in acc.statuses)
+        row["n_units"], row["n_units_failed"] = len(acc.statuses), failed
+        refs = self._file_artifacts(rec, acc.content_id)
         if not ok:
             first = next(s for s in acc.statuses if s != "ok")
-            row["status"] = f"failed: all {len(acc.statuses)} units failed (first: {first.removeprefix('failed: ')})"
+            row["status"] = (
+                f"failed: no unit could be scored: {len(acc.statuses)} of {len(acc.statuses)} "
+                f"{'failed or were excluded' if failed < len(acc.statuses) else 'failed'} (first: {first})"
+            )
+            row["units_summary"] = json.dumps(self._summary(acc, None, []))
+            row["artifacts"] = json.dumps(refs) if refs else None
             return row, self._unit_rows(rec, acc, None) if self.keep_units else []
         scores, attention = self._aggregate(torch.stack(ok), acc)
         self._fill(row, scores.tolist(), self.thresholds)
         row["infer_ms"] = acc.infer_ms
-        refs = [r for refs in acc.artifacts for r in refs] if len(acc.infos) == 1 else []
+        refs += [r for rs in acc.artifacts for r in rs] if len(acc.infos) == 1 else []
         if acc.canvas is not None and self.artifacts_dir is not None:
             dst = self.artifacts_dir / f"{art.file_key(acc.content_id)}-mask.png"
             refs.insert(0, acc.canvas.save(dst, self._rel(dst), self.spec.mask_threshold))
         row["artifacts"] = json.dumps(refs) if refs else None
         row["explain_path"] = acc.explain[0] if len(acc.infos) == 1 else None
+        row["units_summary"] = json.dumps(self._summary(acc, scores, attention))
         return row, self._unit_rows(rec, acc, attention) if self.keep_units else []
+
+    def _summary(self, acc: _Acc, scores: torch.Tensor | None, attention: list[float] | None) -> dict[str, Any]:
+        """Counts by status (``excluded`` ones by reason) and the top units for the file's top label (or, with
+        attention, the most attended ones): what a slide's row tells about its tiles without the unit table."""
+        excluded: dict[str, int] = {}
+        for st in acc.statuses:
+            if st.startswith("excluded"):
+                reason = st.removeprefix("excluded: ").split(" (")[0]
+                excluded[reason] = excluded.get(reason, 0) + 1
+        failed = sum(st.startswith("failed") for st in acc.statuses)
+        out: dict[str, Any] = {"ok": sum(st == "ok" for st in acc.statuses), "failed": failed, "excluded": excluded}
+        if scores is None:
+            return out
+        top = int(torch.argmax(scores)) if self.spec.task == "multiclass" or len(self.labels) == 1 else 0
+        label = self.labels[top]
+        ranked, k = [], 0
+        for info, s in zip(acc.infos, acc.scores, strict=True):
+            if s is None:
+                continue
+            weight = attention[k] if attention is not None else None
+            ranked.append({"unit": info.index, "region": list(info.region) if info.region else None,
+                           "score": float(s[top]), "attention": weight})  # fmt: skip
+            k += 1
+        key = "attention" if attention is not None else "score"
+        out |= {"top_label": label, "ranked_by": key,
+                "top": sorted(ranked, key=lambda r: -(r[key] or 0.0))[: self.top_units]}  # fmt: skip
+        return out
+
+    def _file_artifacts(self, rec: FileRecord, content_id: str | None) -> list[dict[str, Any]]:
+        """Write what the reader made for the file (thumbnail, tissue mask, outlines) and reference it."""
+        if self.artifacts_dir is None or not rec.artifacts:
+            return []
+        refs = []
+        for a in rec.artifacts:
+            dst = self.artifacts_dir / f"{art.file_key(content_id)}-{a.kind}{a.suffix}"
+            art.save_file_artifact(a, dst)
+            refs.append({"kind": a.kind, "path": self._rel(dst), "frame": a.frame,
+                         "encoding": art.encoding_of(a)})  # fmt: skip
+        return refs
 
     def _aggregate(self, scores: torch.Tensor, acc: _Acc) -> tuple[torch.Tensor, list[float] | None]:
         """File scores ``[K]`` from unit scores ``[N, K]`` (and the attention over ok units, for MIL)."""

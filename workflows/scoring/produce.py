@@ -48,6 +48,7 @@ class FileRecord:
     read_ms: float = 0.0
     n_units: int = 0
     skipped: bool = False
+    artifacts: list[Any] = field(default_factory=list)  # FileArtifact made by the reader
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
         fu = producer.read_units(Path(path), producer.spec, {**producer.spec.unit_options, **dict(producer.options)})
         rec.meta_json = json.dumps(safe_meta(fu.meta, producer.meta_keys), sort_keys=True, default=str,
                                    separators=(",", ":"))  # fmt: skip
-        rec.frame = fu.frame
+        rec.frame, rec.artifacts = fu.frame, list(fu.artifacts)
         producer.spec.check_scope(fu.meta, path)  # before any unit is taken (and preprocessed)
         buf.packet.starts[rec.path] = {"content_id": rec.content_id, "frame": fu.frame}
         units = iter(fu.units)
@@ -165,7 +166,7 @@ def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
 
 def _unit(producer: Producer, file: str, unit: Unit | UnitFailure) -> tuple[UnitRecord, torch.Tensor | None]:
     if isinstance(unit, UnitFailure):
-        return UnitRecord(file, unit.info, f"failed: {' '.join(unit.reason.split())[:500]}"), None
+        return UnitRecord(file, unit.info, f"{unit.status}: {' '.join(unit.reason.split())[:500]}"), None
     expected = tuple(producer.spec.input_size)
     if tuple(unit.image.shape) != expected:
         reason = f"failed: preprocessing produced shape {tuple(unit.image.shape)}, the model expects {expected}"

@@ -58,6 +58,7 @@ FILE_TAIL: tuple[tuple[str, pa.DataType], ...] = (
     ("threshold_source", pa.string()),
     ("n_units", pa.int64()),
     ("n_units_failed", pa.int64()),
+    ("units_summary", pa.string()),
     ("meta", pa.string()),
     ("frame", pa.string()),
     ("artifacts", pa.string()),
