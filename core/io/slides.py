@@ -31,6 +31,13 @@ from loupe.core.io.sniff import IMAGE_FORMATS, sniff_format
 
 log = logging.getLogger(__name__)
 
+
+def _not_jfif_notice(record: logging.LogRecord) -> bool:
+    return "JFIF APP marker" not in record.getMessage()
+
+
+_JFIF_NOTICE = _not_jfif_notice
+
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: Extensions that claim a slide (a broken one still becomes a failed row, not a skipped file).
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
@@ -236,9 +243,15 @@ class DicomWsiSlide(Slide):
 
         from pydicom.pixels import pixel_array
 
-        with warnings.catch_warnings():  # scanners write JFIF RGB frames as 'RGB'; pydicom's notice of it, per frame
+        # scanners write JFIF RGB frames as 'RGB'; pydicom says so (warning and log record) for every frame
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*JFIF APP marker.*", category=UserWarning)
-            a = pixel_array(self._ds, index=index)
+            pydicom_log = logging.getLogger("pydicom")
+            pydicom_log.addFilter(_JFIF_NOTICE)
+            try:
+                a = pixel_array(self._ds, index=index)
+            finally:
+                pydicom_log.removeFilter(_JFIF_NOTICE)
         return a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

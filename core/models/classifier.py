@@ -18,7 +18,7 @@ from loupe.core.models.backbones import (
     TimmViTBackbone,
     create_backbone,
 )
-from loupe.core.models.heads import GatedAttentionMIL, PatchMaskHead
+from loupe.core.models.heads import MIL_HEADS, PatchMaskHead
 from loupe.core.models.spec import WeightSpec
 from loupe.core.models.weights import (
     SPEC_FILE,
@@ -84,18 +84,50 @@ class MaskClassifier(Classifier):
 
 
 class MILClassifier(Classifier):
-    """Unit logits from the linear head, and the file's logits from a gated-attention MIL head over all unit
-    embeddings (`aggregate_units`), as the spec's ``aggregation: attention`` asks."""
+    """A Backbone with an attention-MIL head (``mil``: ``gated`` ABMIL or a small ``transformer``): the file's
+    logits from all its unit embeddings (`aggregate_units`, as the spec's ``aggregation: attention`` asks), and each
+    unit's own logits as the head's verdict on a bag of that unit alone."""
 
-    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0, mil_hidden: int = 128):
+    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0, mil_hidden: int = 128,
+                 mil: str = "gated"):  # fmt: skip
         super().__init__(backbone, num_outputs, head_drop)
-        self.mil = GatedAttentionMIL(backbone.embed_dim, num_outputs, mil_hidden)
+        if mil not in MIL_HEADS:
+            raise ConfigError(f"mil {mil!r} is unknown; use one of {sorted(MIL_HEADS)}")
+        self.head = nn.Identity()  # the MIL head scores units and bags
+        self.mil = MIL_HEADS[mil](backbone.embed_dim, num_outputs, mil_hidden)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mil.instance_logits(self.backbone.pool(tokens))  # [B, K]
+
+    def forward_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.embed(x)
+        return {"logits": self.mil.instance_logits(emb), "embedding": emb}
 
     def aggregate_units(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.mil(embeddings)  # {"logits": [K], "attention": [N]}
 
 
-_HEADS = {"linear": Classifier, "mask": MaskClassifier, "mil": MILClassifier}
+class CosineClassifier(Classifier):
+    """A zero-shot (CLIP) classifier: the L2-normalised image embedding against fixed class vectors (normalised
+    text embeddings times the logit scale, stored as the head's weight). Few-shot methods start from it."""
+
+    def __init__(self, backbone: Backbone, num_outputs: int, head_drop: float = 0.0):
+        super().__init__(backbone, num_outputs, head_drop)
+        self.head = nn.Linear(backbone.embed_dim, num_outputs, bias=False)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = torch.nn.functional.normalize(self.backbone.pool(tokens), dim=-1)
+        return self.head(self.head_drop(emb))  # [B, K]: scale * cosine to each class
+
+    def forward_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.forward_features(x)
+        emb = self.backbone.pool(tokens)
+        return {"logits": self.head(torch.nn.functional.normalize(emb, dim=-1)), "embedding": emb}
+
+
+_HEADS = {"linear": Classifier, "mask": MaskClassifier, "mil": MILClassifier, "cosine": CosineClassifier}
+#: Keys a pretrained backbone checkpoint cannot hold: the heads Loupe puts on it (trained from scratch).
+HEADS = ("head.*", "mask_head.*", "mil.*")
 
 
 def vit_classifier(
@@ -108,13 +140,14 @@ def vit_classifier(
     head_drop: float = 0.0,
     head: str = "linear",
     mil_hidden: int = 128,
+    mil: str = "gated",
     **backbone_kwargs: Any,
 ) -> Classifier:
     """The generic builder: every knob. Named variants bind sizes and register a name.
 
     ``img_size`` None keeps the architecture's own size (224 for timm ViTs, the config's for open_clip).
-    ``head``: ``linear`` (labels), ``mask`` (labels + a per-pixel mask) or ``mil`` (unit labels + an attention-MIL
-    head over a file's units, ``mil_hidden`` wide).
+    ``head``: ``linear`` (labels), ``mask`` (labels + a per-pixel mask) or ``mil`` (an attention-MIL head over a
+    file's units: ``mil`` ``gated`` or ``transformer``, ``mil_hidden`` wide).
     """
     if head not in _HEADS:
         raise ConfigError(f"head {head!r} is unknown; use one of {sorted(_HEADS)}")
@@ -128,7 +161,7 @@ def vit_classifier(
         if size[0] != size[1]:
             raise ConfigError(f"open_clip towers need a square input, got img_size={size}")
         kw["img_size"] = size[0]
-    extra = {"mil_hidden": mil_hidden} if head == "mil" else {}
+    extra = {"mil_hidden": mil_hidden, "mil": mil} if head == "mil" else {}
     return _HEADS[head](create_backbone(backbone, **kw), num_outputs, head_drop=head_drop, **extra)
 
 
@@ -171,10 +204,23 @@ def build_model(spec: WeightSpec, *, load_weights: bool = True) -> tuple[Classif
 def load_weights_into(model: Classifier, source: str, layout: str) -> LoadReport:
     path = resolve_source(source)
     sd = load_state_dict(path)
-    loader = {"loupe": _load_loupe, "timm": _load_timm, "mae": _load_mae, "open_clip": _load_open_clip}.get(layout)
+    loaders = {"loupe": _load_loupe, "timm": _load_timm, "mae": _load_mae, "open_clip": _load_open_clip,
+               "hf-clip": _load_hf_clip}  # fmt: skip
+    loader = loaders.get(layout)
     if loader is None:
-        raise ConfigError(f"weight layout {layout!r} is unknown; use loupe, timm, mae or open_clip")
+        raise ConfigError(f"weight layout {layout!r} is unknown; use one of {sorted(loaders)}")
     return loader(model, sd, source)
+
+
+def _load_hf_clip(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """A Hugging Face ``CLIPModel`` checkpoint (PLIP and others): renamed to open_clip's keys, then loaded as those."""
+    from loupe.core.models.hf_clip import is_hf_clip, to_open_clip
+
+    if not is_hf_clip(sd):
+        raise WeightsMismatchError(f"{source}: not a Hugging Face CLIPModel checkpoint (no vision_model.* keys)")
+    report = _load_open_clip(model, to_open_clip(sd), source)
+    report.conversions.insert(0, "Hugging Face CLIPModel keys renamed to open_clip's (q/k/v joined)")
+    return report
 
 
 def _load_loupe(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> LoadReport:
@@ -204,7 +250,7 @@ def _load_timm(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> L
     return load_into(
         model,
         full,
-        allow_missing=("head.*",),
+        allow_missing=HEADS,
         allow_unexpected=("backbone.model.head.*", "backbone.model.head_drop.*"),
         report=report,
         source=source,
@@ -228,7 +274,7 @@ def _load_mae(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> Lo
     return load_into(
         model,
         full,
-        allow_missing=("head.*", "backbone.model.fc_norm.*") if uses_fc_norm else ("head.*",),
+        allow_missing=(*HEADS, "backbone.model.fc_norm.*") if uses_fc_norm else HEADS,
         allow_unexpected=("backbone.model.norm.*", "backbone.model.head.*")
         if uses_fc_norm
         else ("backbone.model.head.*",),
@@ -256,17 +302,20 @@ def _load_open_clip(model: Classifier, sd: dict[str, torch.Tensor], source: str)
         report.conversions.append(f"image model: {len(text)} text-tower keys dropped (load_open_clip_text reads them)")
     full = {f"backbone.{k}": v for k, v in sd.items() if k.startswith("visual.")}
     report.unexpected += text
-    return load_into(model, full, allow_missing=("head.*",), report=report, source=source)
+    return load_into(model, full, allow_missing=HEADS, report=report, source=source)
 
 
 def load_open_clip_text(arch: str, source: str | None = None) -> OpenClipText:
     """The text side of open_clip model ``arch`` (name or JSON config), with the weights of ``source`` when given:
-    an open_clip checkpoint holding both towers (bare or ``state_dict``-wrapped), loaded strictly."""
+    an open_clip checkpoint holding both towers (bare or ``state_dict``-wrapped, or a Hugging Face ``CLIPModel``),
+    loaded strictly."""
     from loupe.core.models.backbones import build_open_clip
+    from loupe.core.models.hf_clip import is_hf_clip, to_open_clip
 
     clip = build_open_clip(arch.removeprefix("open_clip:"))
     if source:
         sd = load_state_dict(resolve_source(source))
+        sd = to_open_clip(sd) if is_hf_clip(sd) else sd
         missing, unexpected = clip.load_state_dict(sd, strict=False)
         text_missing = [k for k in missing if not k.startswith("visual.")]
         if text_missing or unexpected:

@@ -66,6 +66,40 @@ class GatedAttentionMIL(nn.Module):
         bag = (a[:, None] * h).sum(0)  # [D]
         return {"logits": self.classifier(bag), "attention": a}
 
+    def instance_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Each unit scored as a bag of its own (attention 1)  # [N, K]."""
+        return self.classifier(h)
+
+
+class TransformerMIL(nn.Module):
+    """A small transformer over unit embeddings (TransMIL-style, without its positional convolution: units of a
+    slide or video are a set), pooled by attention to a learned score: the logits of the bag, and the pooling
+    weights as each unit's attention."""
+
+    def __init__(self, dim: int, num_outputs: int, hidden: int = 128, depth: int = 2, heads: int = 4,
+                 dropout: float = 0.1):  # fmt: skip
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, hidden * 2, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.score, self.norm = nn.Linear(hidden, 1), nn.LayerNorm(hidden)
+        self.classifier = nn.Linear(hidden, num_outputs)
+
+    def _bags(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encoder(self.proj(x))  # [B, N, hidden]
+        a = self.score(z)[..., 0].softmax(-1)  # [B, N]
+        return {"logits": self.classifier(self.norm((a[..., None] * z).sum(1))), "attention": a}
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self._bags(h[None])
+        return {"logits": out["logits"][0], "attention": out["attention"][0]}
+
+    def instance_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._bags(h[:, None])["logits"]  # [N, K]: N bags of one unit
+
+
+MIL_HEADS = {"gated": GatedAttentionMIL, "transformer": TransformerMIL}
+
 
 def aggregate_scores(scores: torch.Tensor, method: str) -> torch.Tensor:
     """Unit scores ``[N, K]`` → the file's ``[K]``: ``mean``, ``max`` or ``topk:K`` (mean of each label's K highest

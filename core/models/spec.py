@@ -22,7 +22,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Task = Literal["multilabel", "multiclass", "binary", "embedding"]
-Layout = Literal["loupe", "timm", "open_clip", "mae"]
+Layout = Literal["loupe", "timm", "open_clip", "mae", "hf-clip"]
 #: Named outputs a model may return (`loupe.core.models.outputs`).
 OUTPUT_KINDS = ("scores", "mask", "embedding", "attention")
 #: How unit results become the file's result: mean / max of unit scores, mean of the top K, or the model's own

@@ -22,3 +22,6 @@ register_domain(
         input_suffixes=tuple(SLIDE_SUFFIXES),
     )
 )
+
+# recipes register themselves on import
+from loupe.domains.pathology import mil, train  # noqa: E402, F401

@@ -13,7 +13,7 @@ from typing import Any
 
 from loupe.core.models.classifier import register_vit
 from loupe.core.models.spec import IMAGENET_MEAN, IMAGENET_STD, WeightSpec
-from loupe.core.registry import PRESETS
+from loupe.core.registry import MODELS, PRESETS
 
 HE_INTENSITY = "brightfield H&E, RGB 8-bit / 255"
 
@@ -22,8 +22,28 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny_patch16": ("timm:vit_tiny_patch16_224", {}),
     "small_patch16": ("timm:vit_small_patch16_224", {}),
 }
+_DECODERS = {"micro_patch8": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
+             "tiny_patch16": dict(decoder_dim=256, decoder_depth=4, decoder_heads=8),
+             "small_patch16": dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)}  # fmt: skip
+
+
+def _mae_builder(variant: str):
+    def build(*, img_size: int = 224, mask_ratio: float = 0.75, norm_pix_loss: bool = True, **kwargs: Any):
+        from loupe.core.models.mae import MAEConfig, MaskedAutoencoder
+        from loupe.core.registry import MODELS
+
+        dec = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("decoder_")}
+        enc = MODELS.create(f"path_vit_{variant}", num_outputs=0, in_chans=3, img_size=img_size, **kwargs)
+        cfg = MAEConfig(mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, **{**_DECODERS[variant], **dec})
+        return MaskedAutoencoder(enc.backbone, cfg)
+
+    build.__doc__ = f"MAE over path_vit_{variant} (RGB), decoder {_DECODERS[variant]}, 75 % masked by default"
+    return build
+
+
 for _v, (_arch, _bound) in _VARIANTS.items():
     register_vit(f"path_vit_{_v}", _arch, domain="pathology", **_bound)
+    MODELS.register(f"path_mae_vit_{_v}", _mae_builder(_v), domain="pathology", backbone=_arch, kind="mae", **_bound)
 
 
 def pathology_spec(

@@ -134,9 +134,12 @@ def read_tile(slide: Slide, rect: Rect, tile_px: int) -> np.ndarray:
     return region
 
 
-def iter_tiles(slide: Slide, p: SlidePlan, tile_px: int, cfg: TilingConfig) -> Iterator[tuple[UnitInfo, Any]]:
-    """(unit info, RGB tile) for kept tiles, (unit info, reason) for tiles quality control leaves out."""
-    for i, rect in enumerate(p.tiles):
+def iter_tiles(
+    slide: Slide, tiles: list[tuple[int, Rect]], tile_px: int, cfg: TilingConfig
+) -> Iterator[tuple[UnitInfo, Any]]:
+    """For ``(index, rect)`` tiles: (unit info, RGB tile) when kept, (unit info, reason) when quality control
+    leaves the tile out."""
+    for i, rect in tiles:
         info = UnitInfo(i, "tile", rect, level=0)
         tile = read_tile(slide, rect, tile_px)
         qc = tile_qc(tile, cfg.qc)
@@ -174,7 +177,7 @@ def slide_units(path: Path, spec: WeightSpec, options: dict[str, Any] | None = N
 
     def units():
         try:
-            for info, tile in iter_tiles(slide, p, tile_px, cfg):
+            for info, tile in iter_tiles(slide, list(enumerate(p.tiles)), tile_px, cfg):
                 yield UnitFailure(tile, info, "excluded") if isinstance(tile, str) else Unit(prep(tile), info)
         finally:
             slide.close()
