@@ -164,6 +164,9 @@ def artifact_overlays(row: dict[str, Any], ctx: CaseContext) -> tuple[Overlay, .
         elif ref.get("kind") == "gradcam":
             name = f"Grad-CAM ({ref.get('label')})"
             out.append(Overlay(name, "heatmap", ref["frame"], str(ctx.artifact(ref["path"])), opacity=0.4))
+        elif ref.get("kind") == "heatmap":  # tile values painted over the file (hidden: the unit grid shows them)
+            out.append(Overlay(f"heatmap {ref.get('name')}", "heatmap", ref["frame"], str(ctx.artifact(ref["path"])),
+                               opacity=0.5, visible=False))  # fmt: skip
     return tuple(out)
 
 

@@ -77,6 +77,14 @@ class MaskCanvas:
         }
 
 
+def grid_heatmap(width: int, height: int, regions: list[tuple[int, int, int, int]], values: list[float]) -> MaskCanvas:
+    """Each region filled with its value (averaged where regions overlap) on a ``width`` x ``height`` frame."""
+    canvas = MaskCanvas(width, height)
+    for region, v in zip(regions, values, strict=True):
+        canvas.add(np.full((1, 1), v, np.float32), region)
+    return canvas
+
+
 def overlay_picture(model_input: np.ndarray, cam: np.ndarray, dst: Path, min_side: int = 256) -> None:
     """The unit as the model saw it (``[H, W, 3]`` in 0..1) beside it under the Grad-CAM map, as one RGB PNG."""
     from PIL import Image

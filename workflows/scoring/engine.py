@@ -3,7 +3,8 @@
 `Scorer` runs the model on a packet's images and returns its named outputs as unit results (scores, masks,
 embeddings, Grad-CAM maps). `Assembler` collects unit results per file and, when a file's `FileRecord` arrives,
 aggregates them as the model's spec says (mean / max / top-k, or the model's attention-MIL head), applies the
-stored thresholds per label and level, writes the file's artifacts, and returns exactly one file row (plus its
+stored thresholds per label and level, writes the file's artifacts (Grad-CAM for its `top_units` highest-scoring
+units only, tile heatmaps for tiled files), and returns exactly one file row (plus its
 unit rows when the domain keeps a unit table). A failed unit is a failed unit row; a file whose units all failed,
 or that failed itself, is a failed file row.
 """
@@ -11,6 +12,7 @@ or that failed itself, is a failed file row.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import json
 import time
 from dataclasses import dataclass, field
@@ -96,6 +98,7 @@ class _Acc:
     artifacts: list[list[dict[str, Any]]] = field(default_factory=list)
     explain: list[str | None] = field(default_factory=list)
     canvas: art.MaskCanvas | None = None
+    cams: list[tuple] = field(default_factory=list)  # a min-heap of the top units' Grad-CAM, written at the end
     infer_ms: float = 0.0
 
 
@@ -164,20 +167,32 @@ class Assembler:
             if acc.canvas is None:
                 acc.canvas = art.MaskCanvas(acc.frame["width"], acc.frame["height"])
             acc.canvas.add(out.masks[k], info.region)
-        picture = None
         if out.cams is not None and self.artifacts_dir is not None:
-            refs.append(self._gradcam(acc, info, out, k))
-            picture = refs[-1]["picture"]
+            # Grad-CAM of a file's `top_units` highest-scoring units only: a slide's thousands of tiles would
+            # each get two PNGs; the maps wait (bounded) until the file ends
+            maps, top = out.cams
+            entry = (float(out.scores[k].max()), len(acc.infos), info, maps[k], int(top[k]),
+                     self.explainer.display(out.images[k]))  # fmt: skip
+            heap = acc.cams
+            (heapq.heappush if len(heap) < self.top_units else heapq.heappushpop)(heap, entry)
         acc.artifacts.append(refs)
-        acc.explain.append(picture)
+        acc.explain.append(None)
 
-    def _gradcam(self, acc: _Acc, info: UnitInfo, out: UnitOutputs, k: int) -> dict[str, Any]:
-        maps, top = out.cams
-        label = self.labels[top[k]]
+    def _write_cams(self, acc: _Acc) -> None:
+        """The kept Grad-CAM maps, written and referenced from their units (the picture of a one-unit file is its
+        ``explain_path``)."""
+        for _, position, info, cam, top, display in acc.cams:
+            ref = self._gradcam(acc, info, cam, top, display)
+            acc.artifacts[position - 1].append(ref)
+            acc.explain[position - 1] = ref["picture"]
+        acc.cams.clear()
+
+    def _gradcam(self, acc: _Acc, info: UnitInfo, cam: np.ndarray, top: int, display: np.ndarray) -> dict[str, Any]:
+        label = self.labels[top]
         stem = f"{art.file_key(acc.content_id)}-u{info.index}-{art.safe_label(label)}"
         data, picture = self.artifacts_dir / f"{stem}-gradcam.png", self.artifacts_dir / f"{stem}.png"
-        save_map(maps[k], data)
-        art.overlay_picture(self.explainer.display(out.images[k]), maps[k], picture)
+        save_map(cam, data)
+        art.overlay_picture(display, cam, picture)
         region = list(info.region) if info.region is not None else None
         return {
             "kind": "gradcam",
@@ -211,6 +226,7 @@ class Assembler:
             row["units_summary"] = json.dumps(self._summary(acc, None, []))
             row["artifacts"] = json.dumps(refs) if refs else None
             return row, self._unit_rows(rec, acc, None) if self.keep_units else []
+        self._write_cams(acc)
         scores, attention = self._aggregate(torch.stack(ok), acc)
         self._fill(row, scores.tolist(), self.thresholds)
         row["infer_ms"] = acc.infer_ms
@@ -218,10 +234,32 @@ class Assembler:
         if acc.canvas is not None and self.artifacts_dir is not None:
             dst = self.artifacts_dir / f"{art.file_key(acc.content_id)}-mask.png"
             refs.insert(0, acc.canvas.save(dst, self._rel(dst), self.spec.mask_threshold))
+        refs += self._heatmaps(acc, scores, attention)
         row["artifacts"] = json.dumps(refs) if refs else None
         row["explain_path"] = acc.explain[0] if len(acc.infos) == 1 else None
         row["units_summary"] = json.dumps(self._summary(acc, scores, attention))
         return row, self._unit_rows(rec, acc, attention) if self.keep_units else []
+
+    def _heatmaps(self, acc: _Acc, scores: torch.Tensor, attention: list[float] | None) -> list[dict[str, Any]]:
+        """Tiled files: the top label's tile scores (and the MIL attention, as a share of its peak) painted over the
+        file's frame, as 16-bit maps — what a heatmap viewer or QuPath overlays on the slide."""
+        placed = [(info.region, s) for info, s in zip(acc.infos, acc.scores, strict=True)
+                  if s is not None and info.region is not None and info.kind == "tile"]  # fmt: skip
+        if len(placed) < 2 or not acc.frame or self.artifacts_dir is None:
+            return []
+        top = int(torch.argmax(scores)) if self.spec.task == "multiclass" or len(self.labels) == 1 else 0
+        key, w, h = art.file_key(acc.content_id), acc.frame["width"], acc.frame["height"]
+        regions = [r for r, _ in placed]
+        maps = [(f"scores:{self.labels[top]}", [float(s[top]) for _, s in placed], self.labels[top])]
+        if attention is not None:
+            peak = max(attention) or 1.0
+            maps.append(("attention", [a / peak for a in attention], None))
+        refs = []
+        for name, values, label in maps:
+            dst = self.artifacts_dir / f"{key}-heatmap-{art.safe_label(name)}.png"
+            ref = art.grid_heatmap(w, h, regions, values).save(dst, self._rel(dst), 0.5)
+            refs.append({**ref, "kind": "heatmap", "name": name, "label": label})
+        return refs
 
     def _summary(self, acc: _Acc, scores: torch.Tensor | None, attention: list[float] | None) -> dict[str, Any]:
         """Counts by status (``excluded`` ones by reason) and the top units for the file's top label (or, with

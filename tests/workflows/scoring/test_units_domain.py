@@ -183,8 +183,9 @@ def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_m
             df["artifacts"] = df["artifacts"].str.replace(f"{tag}.parquet", "T")
         same = [c for c in a.columns if c not in VOLATILE_COLUMNS]
         pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-9, rtol=0)
-    masks = sorted(p.name for p in (tmp_path / "ray.parquet.artifacts").iterdir())
-    assert masks == sorted(p.name for p in (tmp_path / "local.parquet.artifacts").iterdir()) and len(masks) == 6
+    stored = sorted(p.name for p in (tmp_path / "ray.parquet.artifacts").iterdir())
+    assert stored == sorted(p.name for p in (tmp_path / "local.parquet.artifacts").iterdir())
+    assert sum(n.endswith("-mask.png") for n in stored) == 6 and sum("-heatmap-" in n for n in stored) == 6
 
 
 def test_attention_mil_aggregation_scores_the_file_from_all_its_units(tmp_path: Path) -> None:
