@@ -9,6 +9,7 @@ from loupe.core.metrics._arrays import MetricInputError
 from loupe.core.metrics.bootstrap import (
     BootstrapCI,
     bootstrap_ci,
+    paired_macro_auroc_difference,
     per_label_auroc_ci,
     percentile_interval,
     resample_counts,
@@ -40,6 +41,7 @@ __all__ = [
     "average_precision",
     "best_threshold_f1",
     "bootstrap_ci",
+    "paired_macro_auroc_difference",
     "eer",
     "expected_calibration_error",
     "macro_auroc",

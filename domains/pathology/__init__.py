@@ -24,4 +24,4 @@ register_domain(
 )
 
 # recipes register themselves on import
-from loupe.domains.pathology import mil, train  # noqa: E402, F401
+from loupe.domains.pathology import clip, fewshot, mil, train  # noqa: E402, F401

@@ -3,13 +3,14 @@
 A manifest (CSV/Parquet) has ``path`` (relative to the manifest's folder unless ``data.image_root`` says
 otherwise; ``data.path_column`` names another column), ``label`` (a class name; ``data.label_column``), ``split``
 (train / val / test; a train-only manifest gets a seeded, stratified validation share) and optionally ``group``
-(slide or patient, ``data.group_column``: bootstrap CIs and the validation split respect it). Labels become one
-1/0 column per class, so the one dataset contract
-(`loupe.core.data.ManifestDataset`) serves them.
+(slide or patient, ``data.group_column``: bootstrap CIs and the validation split respect it). ``data.classes``
+fixes the classes and their order; rows with other labels are refused unless ``data.drop_other_labels``. Labels
+become one 1/0 column per class, so the one dataset contract (`loupe.core.data.ManifestDataset`) serves them.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pandas as pd
 import torch
 
 from loupe.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class PatchData:
     label_column: str = "label"
     group_column: str = "group"
     classes: tuple[str, ...] = ()
+    drop_other_labels: bool = False
     val_fraction: float = 0.2
     batch_size: int = 64
     num_workers: int = 0
@@ -63,8 +67,15 @@ def load_patch_manifest(data: PatchData, seed: int = 0) -> tuple[pd.DataFrame, t
     frame = frame.rename(columns={k: v for k, v in renames.items() if k in frame.columns and k != v})
     classes = tuple(data.classes) or tuple(sorted(frame[data.label_column].astype(str).unique()))
     unknown = sorted(set(frame[data.label_column].astype(str)) - set(classes))
-    if unknown:
-        raise ConfigError(f"manifest {p}: labels {unknown} are not among data.classes {list(classes)}")
+    if unknown and data.drop_other_labels:
+        keep = frame[data.label_column].astype(str).isin(classes)
+        log.warning(
+            "manifest %s: %d row(s) with labels %s left out (data.drop_other_labels)", p, (~keep).sum(), unknown
+        )
+        frame = frame[keep]
+    elif unknown:
+        raise ConfigError(f"manifest {p}: labels {unknown} are not among data.classes {list(classes)}; list them, "
+                          "or set data.drop_other_labels=true to leave those rows out")  # fmt: skip
     if "split" not in frame.columns:
         frame["split"] = "train"
     if not (frame["split"] == "val").any() and data.val_fraction > 0:

@@ -68,9 +68,13 @@ class MILTrain:
     weight_decay: float = 1e-4
     threads: int = 0
     heatmaps: int = 4
+    instance_dropout: float = 0.0  # share of a training bag's tiles left out at each step (bag augmentation)
 
     def problems(self) -> list[str]:
-        return [] if self.epochs >= 1 and self.lr > 0 else ["epochs must be >= 1 and lr > 0"]
+        out = [] if self.epochs >= 1 and self.lr > 0 else ["epochs must be >= 1 and lr > 0"]
+        if not 0.0 <= self.instance_dropout < 1.0:
+            out.append(f"instance_dropout must be in [0, 1), got {self.instance_dropout}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,17 @@ class MILRecipe(Recipe):
         head = self.model.mil
         opt = torch.optim.AdamW(head.parameters(), lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
         g = torch.Generator().manual_seed(self.cfg.run.seed)
-        best, best_auc = None, -1.0
+        best, best_auc, drop = None, -1.0, self.cfg.train.instance_dropout
         for epoch in range(self.cfg.train.epochs):
             head.train()
             total = 0.0
             for i in torch.randperm(len(train), generator=g).tolist():
                 bag = train[i]
-                loss = F.cross_entropy(head(bag["x"].to(self.device))["logits"][None],
+                x = bag["x"]
+                if drop and len(x) > 1:
+                    keep = max(1, round(len(x) * (1 - drop)))
+                    x = x[torch.randperm(len(x), generator=g)[:keep]]
+                loss = F.cross_entropy(head(x.to(self.device))["logits"][None],
                                        torch.tensor([bag["y"]], device=self.device))  # fmt: skip
                 opt.zero_grad()
                 loss.backward()

@@ -147,3 +147,24 @@ def test_bad_bootstrap_args_raise(kw, match):
 def test_groups_length_checked():
     with pytest.raises(MetricInputError, match="one id per sample"):
         bootstrap_ci(auroc, [0, 1, 1], [0.1, 0.2, 0.3], groups=[1, 2])
+
+
+def test_paired_difference_equals_the_difference_on_each_shared_resample():
+    from loupe.core.metrics import macro_auroc, paired_macro_auroc_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    Y = np.stack([y, 1 - y], 1).astype(float)
+    S_a = Y + rng.normal(0, 0.8, Y.shape)  # the better model
+    S_b = Y + rng.normal(0, 2.0, Y.shape)
+    d = paired_macro_auroc_difference(Y, S_a, S_b, n_boot=200, seed=5)
+    assert d.estimate == pytest.approx(macro_auroc(Y, S_a) - macro_auroc(Y, S_b))
+    by_hand = []
+    for counts in resample_counts(len(Y), 200, seed=5):
+        for row in counts:
+            idx = np.repeat(np.arange(len(Y)), row)
+            by_hand.append(macro_auroc(Y[idx], S_a[idx]) - macro_auroc(Y[idx], S_b[idx]))
+    assert (d.low, d.high) == pytest.approx(percentile_interval(np.array(by_hand)))
+    assert d.low > 0  # paired: A is better on (almost) every resample
+    same = paired_macro_auroc_difference(Y, S_a, S_a, n_boot=50)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
