@@ -163,12 +163,16 @@ def test_an_upload_that_is_not_an_image_or_is_corrupt_shows_the_error(
 def test_an_upload_of_a_real_film_is_scored_by_the_champion(dashboard: tuple[Path, str]) -> None:
     from pydicom.data import get_testdata_file
 
+    from loupe.core.tracking import MlflowTracker
+
+    # the store is shared by the module's tests (the promotion test moves @champion): ask it which version serves
+    _, version = MlflowTracker(dashboard[1]).model_version("models:/cxr-tiny@champion")
     at = _app("alice")
     at.switch_page("pages/upload.py").run()
     film = Path(get_testdata_file("RG1_UNCR.dcm", download=False)).read_bytes()
     at.file_uploader(key="upload-file").set_value(("Jane_Doe_chest.dcm", film, "application/dicom")).run()
     _no_errors(at)
-    assert any("scored with models:/cxr-tiny/1" in s.value for s in at.success)  # the champion's version
+    assert any(f"scored with models:/cxr-tiny/{version}" in s.value for s in at.success)  # the champion's version
     assert at.dataframe[0].value.set_index("finding").loc["Pneumonia", "threshold"] == 0.3
 
 
