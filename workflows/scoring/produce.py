@@ -69,9 +69,10 @@ class Packet:
 
 def failure_reason(exc: BaseException, path: str = "") -> str:
     """One line for a ``status`` column: a LoupeError's own message (minus the path the row already has), else the
-    exception type and message."""
+    exception type and message; the file's full path anywhere in it is cut to its name."""
     msg = str(exc) if isinstance(exc, LoupeError) else f"{type(exc).__name__}: {exc}"
-    msg = msg.removeprefix(f"{path}: ") if path else msg
+    if path:  # a decoder's own message may name the file again: never a folder above the input (issue: no leaks)
+        msg = msg.removeprefix(f"{path}: ").replace(str(path), Path(path).name)
     return " ".join(msg.split())[:500]
 
 
