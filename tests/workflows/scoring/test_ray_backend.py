@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loupe.workflows.scoring import VOLATILE_COLUMNS, RayOptions, ScoreOptions, score
+from loupe.workflows.scoring import RayOptions, ScoreOptions, score
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def local_ray() -> object:
 
 
 def test_ray_and_local_backends_give_identical_tables(
-    inputs: tuple[Path, dict], model_dir: Path, tmp_path: Path, local_ray: object
+    inputs: tuple[Path, dict], model_dir: Path, tmp_path: Path, local_ray: object, same_table
 ) -> None:
     root, files = inputs
     common = dict(domain="cxr", input=root, model=f"local-dir:{model_dir}", track=False, batch_size=4, explain=True)
@@ -33,10 +33,7 @@ def test_ray_and_local_backends_give_identical_tables(
 
     a = pd.read_parquet(tmp_path / "local.parquet").sort_values("path").reset_index(drop=True)
     b = pd.read_parquet(tmp_path / "ray.parquet").sort_values("path").reset_index(drop=True)
-    scores = [c for c in a.columns if c.startswith("score_")]
-    pd.testing.assert_frame_equal(a[scores], b[scores], check_exact=False, atol=1e-6, rtol=0)
     for col in ("explain_path", "artifacts"):  # artifacts go beside each table
         a[col], b[col] = a[col].str.replace("local.parquet", "T"), b[col].str.replace("ray.parquet", "T")
-    same = [c for c in a.columns if c not in (*scores, "scores", *VOLATILE_COLUMNS)]
-    pd.testing.assert_frame_equal(a[same], b[same])
+    same_table(a, b, atol=1e-6)
     assert b.explain_path.notna().sum() == len(files["good"])

@@ -24,7 +24,7 @@ import loupe_testunits as tu  # noqa: E402 - the plugin lives beside the tests, 
 from loupe.core.io.maps import load_map  # noqa: E402
 from loupe.core.models import build_model, load_model_dir, save_model  # noqa: E402
 from loupe.core.transforms import ModelInput  # noqa: E402
-from loupe.workflows.scoring import VOLATILE_COLUMNS, RayOptions, ScoreOptions, score, units_path  # noqa: E402
+from loupe.workflows.scoring import RayOptions, ScoreOptions, score, units_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,9 @@ def _cmd(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_file_and_unit_tables(tmp_path: Path, mask_model: Path) -> None:
+def test_sigkill_then_resume_gives_the_uninterrupted_file_and_unit_tables(
+    tmp_path: Path, mask_model: Path, same_table
+) -> None:
     root = _inputs(tmp_path / "in", n=80)
     full = tmp_path / "full.parquet"
     done = subprocess.run(_cmd(root, mask_model, full), env=_env(), capture_output=True, text=True, timeout=300)
@@ -158,12 +160,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file_and_unit_tables(tmp_pa
     for got, ref, keys in ((out, full, ["path"]), (units_path(out), units_path(full), ["path", "unit"])):
         a, b = _load(got, keys), _load(ref, keys)
         assert len(a) == len(b) and not a.duplicated(keys).any()
-        same = [c for c in b.columns if c not in (*VOLATILE_COLUMNS, "artifacts")]
-        pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-9, rtol=0)
+        same_table(a, b, atol=1e-6, skip=("artifacts",))
     assert len(_load(units_path(out), ["path"])) == 80 * 4
 
 
-def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_model: Path) -> None:
+def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_model: Path, same_table) -> None:
     ray = pytest.importorskip("ray")
     root = _inputs(tmp_path / "in", n=6)
     common = dict(domain=tu.NAME, input=root, model=f"local-dir:{mask_model}", track=False, batch_size=2)
@@ -181,8 +182,7 @@ def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_m
         a, b = _load(tmp_path / name.format("local"), keys), _load(tmp_path / name.format("ray"), keys)
         for df, tag in ((a, "local"), (b, "ray")):
             df["artifacts"] = df["artifacts"].str.replace(f"{tag}.parquet", "T")
-        same = [c for c in a.columns if c not in VOLATILE_COLUMNS]
-        pd.testing.assert_frame_equal(a[same], b[same], check_exact=False, atol=1e-9, rtol=0)
+        same_table(a, b, atol=1e-6)
     stored = sorted(p.name for p in (tmp_path / "ray.parquet.artifacts").iterdir())
     assert stored == sorted(p.name for p in (tmp_path / "local.parquet.artifacts").iterdir())
     assert sum(n.endswith("-mask.png") for n in stored) == 6 and sum("-heatmap-" in n for n in stored) == 6
