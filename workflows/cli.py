@@ -203,7 +203,9 @@ def score_cmd(
     track: bool = typer.Option(True, "--track/--no-track", help="Log the run (table, counts) to MLflow."),
     tracking_uri: str | None = TrackingUri,
     option: list[str] = typer.Option(
-        None, "--option", help="Unit option over the model's, key=value (e.g. mpp=0.25 for slides that state none)."
+        None,
+        "--option",
+        help="Unit option over the model's, key=value (e.g. slide_mpp=0.25 for slides that state none, tile_mpp=0.5).",
     ),
 ) -> None:
     """Score every input under --input into one predictions row each (and unit rows where the domain has units).

@@ -170,7 +170,11 @@ def slide_units(path: Path, spec: WeightSpec, options: dict[str, Any] | None = N
              "tissue_fraction": round(float(p.mask.mean()), 4), "tiles_in_grid": p.grid, "tiles_on_tissue":
              len(p.tiles)}  # fmt: skip
     frame = {"space": "file", "scale": p.scale}
-    artifacts = [FileArtifact("thumbnail", p.thumbnail, frame), FileArtifact("tissue_mask", p.mask, frame),
+    w0, h0 = slide.dimensions
+    # the reviewer's picture: up to 1024 px (the mask's thumbnail is at mask_mpp, 32 px for a 512 px field)
+    thumb = p.thumbnail if max(p.thumbnail.shape[:2]) >= min(1024, max(w0, h0)) else slide.thumbnail(1024)
+    artifacts = [FileArtifact("thumbnail", thumb, {"space": "file", "scale": thumb.shape[1] / w0}),
+                 FileArtifact("tissue_mask", p.mask, frame),
                  FileArtifact("tissue", geojson_text(p.mask, p.scale), {"space": "file", "scale": 1.0},
                               ".geojson")]  # fmt: skip
     prep = ModelInput(spec)
@@ -182,5 +186,4 @@ def slide_units(path: Path, spec: WeightSpec, options: dict[str, Any] | None = N
         finally:
             slide.close()
 
-    w0, h0 = slide.dimensions
     return FileUnits(meta, {"width": w0, "height": h0}, units(), artifacts)

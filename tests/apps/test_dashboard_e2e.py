@@ -7,6 +7,7 @@ Screenshots go to ``$LOUPE_E2E_SCREENSHOTS`` (the README's come from there) or t
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def server(tmp_path: Path):
 
 
 def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_path: Path) -> None:
-    """The demo scored 4 films (and refused 4 other files); a reviewer records a decision on the first."""
+    """The demo scored 4 films (and refused 4 other files); a reviewer records a decision on the first, then opens
+    one of the demo's slides."""
     from playwright.sync_api import expect, sync_playwright
 
     url, data = server
@@ -122,11 +124,24 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         expect(page.get_by_text("could not be scored")).to_be_visible()
         page.wait_for_timeout(1000)
         page.screenshot(path=shots / "upload.png", full_page=True)
+
+        # the demo's slides: the pathology queue, then a slide case with its heatmap and tile grid
+        page.get_by_role("link", name="Review queue").click()
+        expect(page.get_by_role("heading", name="Review queue")).to_be_visible()
+        page.get_by_test_id("stSelectbox").filter(has_text="Domain").click()
+        page.get_by_role("option", name="pathology").click()
+        case_pick = page.get_by_role("combobox", name="Case")
+        expect(case_pick).to_have_value(re.compile(r"cmu_small_region\.svs|ihc_skimage\.tif"))
+        page.get_by_role("button", name="Open case").click()
+        expect(page.get_by_role("heading", name="Case 1 of")).to_be_visible()
+        expect(page.get_by_text("Nuclei-dense").first).to_be_visible()
+        page.wait_for_timeout(2000)
+        page.screenshot(path=shots / "slide-case.png", full_page=True)
         browser.close()
 
     from loupe.workflows.review.store import ReviewStore
 
     (action,) = ReviewStore(data / "reviews.sqlite").actions("cxr")
     assert action.reviewer == "alice" and action.action == "accept"
-    assert {p.name for p in shots.iterdir()} >= {"queue.png", "case.png", "agreement.png", "experiments.png",
-                                                 "upload.png"}  # fmt: skip
+    assert {p.name for p in shots.iterdir()} >= {"queue.png", "case.png", "slide-case.png", "agreement.png",
+                                                 "experiments.png", "upload.png"}  # fmt: skip

@@ -159,6 +159,10 @@ def test_review_case_of_a_slide(scored: Path) -> None:
     case = cases["cmu-1-small-region.svs"]
     assert case.layers[0].kind == "slide" and case.layers[0].source.endswith("-thumbnail.png")
     assert Path(case.layers[0].source).is_file() and case.source.endswith("cmu-1-small-region.svs")
+    from PIL import Image
+
+    with Image.open(case.layers[0].source) as thumb:  # a picture to review by, not the 8 um/px mask grid
+        assert thumb.size == (round(2220 * 1024 / 2967), 1024)
     by_name = {o.name: o for o in case.overlays}
     assert by_name["tissue mask"].kind == "mask" and Path(by_name["tissue mask"].path).is_file()
     att = by_name["attention (MIL)"]
