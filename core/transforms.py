@@ -55,9 +55,14 @@ def match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def resize(t: torch.Tensor, size: tuple[int, int], mode: str, interpolation: str) -> torch.Tensor:
-    """``squash`` resizes to ``size``; ``shorter_side_crop`` resizes the shorter side then centre-crops."""
+    """``squash`` resizes to ``size``; ``shorter_side_crop`` resizes the shorter side then centre-crops;
+    ``center_crop`` takes the central ``size`` pixels as they are (no resampling: the pixel statistics a forensic
+    detector reads survive), resizing the shorter side up only when the image is smaller than ``size``."""
     h, w = t.shape[-2:]
-    if mode == "shorter_side_crop":
+    if mode == "center_crop":
+        scale = max(1.0, size[0] / h, size[1] / w)
+        target = (max(size[0], round(h * scale)), max(size[1], round(w * scale))) if scale > 1 else (h, w)
+    elif mode == "shorter_side_crop":
         scale = max(size[0] / h, size[1] / w)
         target = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
     else:

@@ -89,11 +89,14 @@ UnitReader = Callable[[Path, WeightSpec, "dict[str, Any] | None"], FileUnits]  #
 
 def input_region(spec: WeightSpec, height: int, width: int) -> Region:
     """The part of an ``height`` x ``width`` image that the spec's resize shows the model (all of it for
-    ``squash``, the centre crop for ``shorter_side_crop``), as ``(x, y, w, h)`` in image pixels."""
-    if spec.resize_mode != "shorter_side_crop":
+    ``squash``, the centre crop for ``shorter_side_crop`` and ``center_crop``), as ``(x, y, w, h)`` in image
+    pixels."""
+    if spec.resize_mode == "squash":
         return 0, 0, width, height
     th, tw = spec.input_size[1:]
     scale = max(th / height, tw / width)
+    if spec.resize_mode == "center_crop":
+        scale = max(1.0, scale)
     ch, cw = min(height, round(th / scale)), min(width, round(tw / scale))
     return (width - cw) // 2, (height - ch) // 2, cw, ch
 

@@ -64,7 +64,7 @@ class WeightSpec:
     std: tuple[float, ...] = IMAGENET_STD
     intensity: str = "8-bit RGB scaled to 0..1"
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
-    resize_mode: Literal["squash", "shorter_side_crop"] = "squash"
+    resize_mode: Literal["squash", "shorter_side_crop", "center_crop"] = "squash"
     label_names: tuple[str, ...] = ()
     thresholds: dict[str, float] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -46,6 +46,13 @@ def test_rgba_drops_alpha_and_grey_to_rgb_repeats() -> None:
     torch.testing.assert_close(match_channels(rgb, 1), torch.full((1, 2, 2), 0.299))
 
 
+def test_center_crop_keeps_the_pixels_as_they_are() -> None:
+    img = torch.rand(3, 20, 30)
+    torch.testing.assert_close(resize(img, (8, 8), "center_crop", "bicubic"), img[:, 6:14, 11:19])  # no resampling
+    small = torch.rand(3, 4, 6)  # smaller than the model's input: the shorter side is resized up, then cropped
+    assert resize(small, (8, 8), "center_crop", "bilinear").shape == (3, 8, 8)
+
+
 def test_model_input_normalises_per_spec() -> None:
     out = ModelInput(_spec(1))(np.full((16, 16), 255, np.uint8))
     torch.testing.assert_close(out, torch.ones(1, 8, 8))  # (1 - 0.5) / 0.5

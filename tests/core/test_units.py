@@ -73,7 +73,8 @@ def test_bad_modality_codes_are_refused(bad: tuple[str, ...]) -> None:
 @pytest.mark.parametrize(
     ("mode", "size", "expected"),
     [("squash", (300, 400), (0, 0, 400, 300)), ("shorter_side_crop", (300, 400), (50, 0, 300, 300)),
-     ("shorter_side_crop", (400, 300), (0, 50, 300, 300))],
+     ("shorter_side_crop", (400, 300), (0, 50, 300, 300)), ("center_crop", (300, 400), (184, 134, 32, 32)),
+     ("center_crop", (20, 30), (5, 0, 20, 20))],
 )  # fmt: skip
 def test_the_unit_region_is_what_the_model_sees(mode: str, size: tuple[int, int], expected: tuple) -> None:
     assert input_region(_spec(resize_mode=mode), *size) == expected
