@@ -94,6 +94,7 @@ class PatchFinetuneRecipe(Recipe):
         self.device = pick_device(cfg.run.device)
         self.out = self.output_dir(cfg.run.name or self.default_name)
         self.frame, self.classes = load_patch_manifest(cfg.data, cfg.run.seed)
+        self._best_key = (-1.0, -float("inf"))  # (validation AUROC, -validation loss) of the kept epoch
         source = resolve_init(cfg.model.init, self.tracker, self.out / "init")
         m = cfg.model
         self.spec = pathology_spec(cfg.run.name or self.default_name, m.name, self.classes, tile_px=m.img_size,
@@ -154,13 +155,18 @@ class PatchFinetuneRecipe(Recipe):
 
         S, Y, _ = predict(self.model, self.val_dl, self.device, task="multiclass")
         val = float(macro_auroc(Y, S))
+        val_loss = float(-np.log(np.clip((S * Y).sum(1), 1e-7, 1.0)).mean())  # cross-entropy of the true class
         state = self.trainer.state
-        if state.best is None or val > state.best:
-            state.best, state.best_epoch = val, epoch
+        # best AUROC, ties broken by the lower validation loss: a small validation split that is separated
+        # perfectly from the first epoch on would otherwise keep the first epoch's barely trained weights
+        key = (val, -val_loss)
+        if state.best is None or key > self._best_key:
+            state.best, state.best_epoch, self._best_key = val, epoch, key
             save_model(self.model, self.spec, self.out / "best")
-        run.log_metrics({**metrics, "val_macro_auroc": val}, step=epoch)
-        log.info("epoch %d: train loss %.4f, val macro AUROC %.4f", epoch, metrics["train_loss"], val)
-        return {"val_macro_auroc": val}
+        run.log_metrics({**metrics, "val_macro_auroc": val, "val_loss": val_loss}, step=epoch)
+        log.info("epoch %d: train loss %.4f, val macro AUROC %.4f, val loss %.4f", epoch, metrics["train_loss"], val,
+                 val_loss)  # fmt: skip
+        return {"val_macro_auroc": val, "val_loss": val_loss}
 
     def _finish(self, run) -> dict[str, Any]:
         from safetensors.torch import load_file
@@ -172,7 +178,13 @@ class PatchFinetuneRecipe(Recipe):
         groups = test_ds.frame["group"].to_numpy() if "group" in test_ds.frame.columns else None
         report = evaluation_report(Y, S, self.classes, cfg=self.cfg.eval, groups=groups)
         accuracy = float((S.argmax(1) == Y.argmax(1)).mean())
-        baseline = colour_baseline(self.frame, self.classes, self.cfg.data, self.cfg.eval)
+        from loupe.core.metrics import paired_macro_auroc_difference
+
+        baseline, colour = colour_baseline(self.frame, self.classes, self.cfg.data, self.cfg.eval)
+        if colour is not None:  # the model minus the colour baseline on the same test patches, paired bootstrap
+            d = paired_macro_auroc_difference(Y, S, colour, n_boot=self.cfg.eval.n_boot, groups=groups)
+            baseline |= {"delta_vs_colour_macro_auroc": d.estimate, "delta_vs_colour_ci_low": d.low,
+                         "delta_vs_colour_ci_high": d.high}  # fmt: skip
         report.metrics |= {"test_accuracy": accuracy, **baseline}
         log_report(run, report, self.out / "evaluation")
         model_dir = save_model(self.model, spec, self.out / "model")
@@ -217,8 +229,11 @@ def colour_features(images: list[np.ndarray]) -> np.ndarray:
     return np.stack(out)
 
 
-def colour_baseline(frame, classes: tuple[str, ...], data: PatchData, cfg: EvalConfig) -> dict[str, float]:
-    """Test macro AUROC (with CI) of a logistic regression on `colour_features`, trained on the train split."""
+def colour_baseline(
+    frame, classes: tuple[str, ...], data: PatchData, cfg: EvalConfig
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Test macro AUROC (with CI) of a logistic regression on `colour_features`, trained on the train split, and
+    its test probabilities ``[N_test, K]`` in the manifest's order (None when train has one class)."""
     from sklearn.linear_model import LogisticRegression
 
     from loupe.core.io import read_any
@@ -231,7 +246,7 @@ def colour_baseline(frame, classes: tuple[str, ...], data: PatchData, cfg: EvalC
 
     (xtr, ytr), (xte, yte) = feats("train"), feats("test")
     if len(set(ytr)) < 2:
-        return {}
+        return {}, None
     clf = LogisticRegression(max_iter=2000).fit(xtr, ytr)
     proba = np.zeros((len(xte), len(classes)))
     proba[:, clf.classes_] = clf.predict_proba(xte)
@@ -239,7 +254,7 @@ def colour_baseline(frame, classes: tuple[str, ...], data: PatchData, cfg: EvalC
     table = per_label_auroc_ci(Y, proba, classes, n_boot=cfg.n_boot, seed=0).set_index("label").loc["macro"]
     return {"baseline_colour_macro_auroc": float(table["auroc"]), "baseline_colour_ci_low": float(table["ci_low"]),
             "baseline_colour_ci_high": float(table["ci_high"]),
-            "baseline_colour_accuracy": float((proba.argmax(1) == yte).mean())}  # fmt: skip
+            "baseline_colour_accuracy": float((proba.argmax(1) == yte).mean())}, proba  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- MAE
