@@ -33,6 +33,16 @@ def _browser_available() -> None:
     assert not missing, f"CI must provide {missing}: .ci/run installs Debian's chromium and pip's playwright"
 
 
+def _settle(page) -> None:
+    """Wait until the script run finished (Streamlit's running indicator gone) and the images drew."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(500)
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0)
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1000)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,13 +98,13 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         page.get_by_role("textbox", name="Reviewer").fill("alice")
         page.keyboard.press("Enter")
         expect(page.get_by_test_id("stMetric").first).to_be_visible()
-        page.wait_for_timeout(1500)
+        _settle(page)
         page.screenshot(path=shots / "queue.png", full_page=True)
 
         page.get_by_role("button", name="Open case").click()
         expect(page.get_by_role("heading", name="Case 1 of 4")).to_be_visible()
         expect(page.get_by_role("img").first).to_be_visible()
-        page.wait_for_timeout(1500)
+        _settle(page)
         page.screenshot(path=shots / "case.png", full_page=True)
         page.get_by_text("accept").first.click()
         page.wait_for_timeout(500)
@@ -102,18 +112,18 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         expect(page.get_by_text("Recorded 1 decision")).to_be_visible()
         page.get_by_role("button", name="Next ▶").click()
         expect(page.get_by_role("heading", name="Case 2 of 4")).to_be_visible()
-        page.wait_for_timeout(2000)
+        _settle(page)
         page.screenshot(path=shots / "case-next.png", full_page=True)
 
         page.get_by_role("link", name="Agreement and export").click()
         expect(page.get_by_role("heading", name="Agreement and export")).to_be_visible()
         expect(page.get_by_text("1 reviewed cases")).to_be_visible()
-        page.wait_for_timeout(1000)
+        _settle(page)
         page.screenshot(path=shots / "agreement.png", full_page=True)
 
         page.get_by_role("link", name="Experiments").click()
         expect(page.get_by_role("heading", name="Registered models")).to_be_visible()
-        page.wait_for_timeout(1000)
+        _settle(page)
         page.screenshot(path=shots / "experiments.png", full_page=True)
 
         page.get_by_role("link", name="Upload").click()
@@ -122,7 +132,7 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         corrupt.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI")
         page.locator("input[type=file]").set_input_files(str(corrupt))
         expect(page.get_by_text("could not be scored")).to_be_visible()
-        page.wait_for_timeout(1000)
+        _settle(page)
         page.screenshot(path=shots / "upload.png", full_page=True)
 
         # the demo's slides: the pathology queue, then a slide case with its heatmap and tile grid
@@ -135,7 +145,7 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         page.get_by_role("button", name="Open case").click()
         expect(page.get_by_role("heading", name="Case 1 of")).to_be_visible()
         expect(page.get_by_text("Nuclei-dense").first).to_be_visible()
-        page.wait_for_timeout(2000)
+        _settle(page)
         page.screenshot(path=shots / "slide-case.png", full_page=True)
         browser.close()
 
