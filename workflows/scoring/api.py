@@ -76,6 +76,7 @@ class ScoreSummary:
     rows_failed: int = 0
     units_ok: int = 0
     units_failed: int = 0
+    units_excluded: int = 0  # left out by the domain's quality control (background, pen, blur, no face)
     seconds: float = 0.0
     run_id: str | None = None
     tracking_uri: str | None = None
@@ -217,9 +218,12 @@ def _commit(table: PartsTable, result: BatchResult, summary: ScoreSummary, on_pr
     if result.worker:
         summary.workers[result.worker] = summary.workers.get(result.worker, 0) + result.n_inputs
     if result.batch.units is not None:
-        n_ok = int(pc.sum(pc.equal(result.batch.units.column("status"), "ok")).as_py() or 0)
+        status = result.batch.units.column("status")
+        n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+        n_excluded = int(pc.sum(pc.starts_with(status, "excluded")).as_py() or 0)
         summary.units_ok += n_ok
-        summary.units_failed += result.batch.units.num_rows - n_ok
+        summary.units_excluded += n_excluded
+        summary.units_failed += result.batch.units.num_rows - n_ok - n_excluded
     if on_progress:
         on_progress(result.n_inputs, len(failed), result.n_resumed)
 
@@ -275,5 +279,5 @@ def _metrics(s: ScoreSummary) -> dict[str, float]:
         "images_per_s": s.images_per_s,
     }
     if s.units_out is not None:
-        out |= {"units_ok": s.units_ok, "units_failed": s.units_failed}
+        out |= {"units_ok": s.units_ok, "units_failed": s.units_failed, "units_excluded": s.units_excluded}
     return out

@@ -73,7 +73,8 @@ def render_summary(s: ScoreSummary, console: Console) -> None:
     t.add_row("this run", f"{s.scored_ok} ok, {s.scored_failed} failed, {s.resumed} already scored (resumed)")
     t.add_row("table rows", f"{s.rows_ok + s.rows_failed}: {s.rows_ok} ok, {s.rows_failed} failed")
     if s.units_out is not None:
-        t.add_row("units", f"{s.units_ok} ok, {s.units_failed} failed (this run) in {s.units_out}")
+        t.add_row("units", f"{s.units_ok} ok, {s.units_excluded} excluded by quality control, {s.units_failed} failed "
+                  f"(this run) in {s.units_out}")  # fmt: skip
     t.add_row("throughput", f"{s.images_per_s:.1f} inputs/s over {s.seconds:.1f} s (inputs scored by this run)")
     if len(s.workers) > 1:
         t.add_row("scoring processes", f"{len(s.workers)} ({', '.join(f'{n} inputs' for n in s.workers.values())})")

@@ -55,8 +55,11 @@ def mil_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def scored(slide_dir: Path, mil_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out") / "p.parquet"
-    score(ScoreOptions(domain="pathology", input=slide_dir, model=f"local-dir:{mil_model}", out=out, track=False,
-                       num_workers=0))  # fmt: skip
+    s = score(ScoreOptions(domain="pathology", input=slide_dir, model=f"local-dir:{mil_model}", out=out, track=False,
+                           num_workers=0))  # fmt: skip
+    units = pd.read_parquet(units_path(out)).status
+    assert s.units_ok == (units == "ok").sum() and s.units_excluded == units.str.startswith("excluded").sum() > 0
+    assert s.units_failed == 0  # background tiles are left out by QC, not failures
     return out
 
 
