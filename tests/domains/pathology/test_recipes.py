@@ -102,7 +102,7 @@ def test_attention_mil_on_monuseg_tiles_as_bags(shared_data: Path, tmp_path: Pat
         np.testing.assert_array_equal(b["x"].numpy(), recipe.bags[key]["x"].numpy())
 
 
-@pytest.mark.parametrize("name", ["tcga_mae", "tcga_probe", "tcga_finetune", "monuseg_mil"])
+@pytest.mark.parametrize("name", ["tcga_mae", "tcga_probe", "tcga_finetune", "monuseg_mil", "tcga_mil"])
 def test_shipped_configs_load(name: str) -> None:
     load_recipe(CONFIGS / f"{name}.yaml", [])
 
