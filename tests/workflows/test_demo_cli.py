@@ -33,7 +33,7 @@ def test_demo_scores_every_input_and_logs_to_the_given_store(tmp_path: Path, sto
 
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("loupe-demo").experiment_id])
-    names = {f"{kind}-{domain}" for kind in ("demo-model", "score") for domain in ("cxr", "pathology")}
+    names = {f"{kind}-{domain}" for kind in ("demo-model", "score") for domain in ("cxr", "pathology", "forensics")}
     assert {r.info.run_name for r in runs} == names
     assert all(r.data.tags["demo"] == "true" for r in runs)
     assert str(client.get_model_version_by_alias("cxr-demo", "champion").version) == "1"
@@ -48,3 +48,12 @@ def test_demo_scores_every_input_and_logs_to_the_given_store(tmp_path: Path, sto
         assert (units[units.path == name].status == "ok").sum() >= 10  # tiles scored
         kinds = {a["kind"] for a in json.loads(slides.loc[name, "artifacts"])}
         assert {"thumbnail", "tissue_mask", "heatmap"} <= kinds
+
+    # forensics: scikit-image's photographs (one copy-moved) and a clip scored by its face crops
+    media = pd.read_parquet(tmp_path / "demo" / "forensics" / "predictions.parquet").set_index("path")
+    assert media.loc["corrupt_truncated_clip.mp4", "status"].startswith("failed")
+    ok = media[media.status == "ok"]
+    assert set(ok.index) == {"astronaut.png", "astronaut_copy_move.png", "coffee.png", "astronaut_clip.mp4"}
+    faces = pd.read_parquet(tmp_path / "demo" / "forensics" / "predictions.units.parquet")
+    clip_units = faces[(faces.path == "astronaut_clip.mp4") & (faces.status == "ok")]
+    assert len(clip_units) >= 1 and set(clip_units.kind) == {"face"} and clip_units.time_s.notna().all()
