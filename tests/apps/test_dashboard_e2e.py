@@ -147,11 +147,26 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         expect(page.get_by_text("Nuclei-dense").first).to_be_visible()
         _settle(page)
         page.screenshot(path=shots / "slide-case.png", full_page=True)
+
+        # the demo's forensics media: the clip's case shows its face frame and the per-frame timeline
+        page.get_by_role("link", name="Review queue").click()
+        expect(page.get_by_role("heading", name="Review queue")).to_be_visible()
+        page.get_by_test_id("stSelectbox").filter(has_text="Domain").click()
+        page.get_by_role("option", name="forensics").click()
+        case_pick = page.get_by_role("combobox", name="Case")
+        expect(case_pick).to_have_value(re.compile(r"\.(png|mp4)$"))
+        case_pick.click()
+        page.get_by_role("option", name=re.compile("astronaut_clip")).click()
+        page.get_by_role("button", name="Open case").click()
+        expect(page.get_by_text("astronaut_clip.mp4").first).to_be_visible()
+        expect(page.get_by_text("Fake").first).to_be_visible()
+        _settle(page)
+        page.screenshot(path=shots / "media-case.png", full_page=True)
         browser.close()
 
     from loupe.workflows.review.store import ReviewStore
 
     (action,) = ReviewStore(data / "reviews.sqlite").actions("cxr")
     assert action.reviewer == "alice" and action.action == "accept"
-    assert {p.name for p in shots.iterdir()} >= {"queue.png", "case.png", "slide-case.png", "agreement.png",
-                                                 "experiments.png", "upload.png"}  # fmt: skip
+    assert {p.name for p in shots.iterdir()} >= {"queue.png", "case.png", "slide-case.png", "media-case.png",
+                                                 "agreement.png", "experiments.png", "upload.png"}  # fmt: skip
