@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,9 @@ def is_scorable(path: Path, suffixes: Collection[str] = IMAGE_SUFFIXES) -> bool:
 
 
 def walk_folder(root: Path, exclude: Sequence[Path] = (), suffixes: Collection[str] = IMAGE_SUFFIXES) -> InputList:
-    """Every scorable, non-hidden file under ``root`` (recursively, symlinked files followed), sorted by path."""
+    """Every scorable, non-hidden file under ``root`` (recursively, symlinked files followed), sorted by path. FIFOs,
+    devices, sockets and dangling links are listed too, without being opened, so each becomes a ``failed`` row
+    (`loupe.core.io.content_identity` refuses them) instead of vanishing or hanging a reader."""
     excluded = {e.resolve() for e in exclude}
     paths: list[str] = []
     skipped: list[str] = []
@@ -99,7 +102,17 @@ def walk_folder(root: Path, exclude: Sequence[Path] = (), suffixes: Collection[s
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
         for name in sorted(filenames):
             f = here / name
-            if name.startswith(".") or not f.is_file():
+            if name.startswith("."):
+                continue
+            try:
+                mode = f.stat().st_mode  # follows links
+            except OSError:  # a dangling link: a row that says the file does not exist
+                paths.append(str(f))
+                continue
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO, device or socket: never opened (it may block forever), a row
+                paths.append(str(f))
                 continue
             if is_scorable(f, suffixes):
                 paths.append(str(f))

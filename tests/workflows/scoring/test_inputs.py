@@ -49,3 +49,28 @@ def test_missing_input_and_single_file_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(ConfigError, match="single file"):
         collect_inputs(tmp_path / "x.png")
+
+
+def test_fifos_devices_and_dangling_links_are_failed_rows_not_hangs(tmp_path: Path, model_dir: Path) -> None:
+    import os
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from loupe.workflows.scoring import ScoreOptions, score
+
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(root / "film.png")
+    os.mkfifo(root / "pipe.png")  # opening it would block until a writer comes: it must never be opened
+    (root / "zero.dcm").symlink_to("/dev/zero")  # reading it never ends
+    (root / "gone.png").symlink_to(root / "deleted.png")
+    found = collect_inputs(root)
+    assert sorted(Path(p).name for p in found.paths) == ["film.png", "gone.png", "pipe.png", "zero.dcm"]
+    s = score(ScoreOptions(domain="cxr", input=root, model=f"local-dir:{model_dir}", out=tmp_path / "p.parquet",
+                           track=False, num_workers=0))  # fmt: skip
+    rows = pd.read_parquet(tmp_path / "p.parquet").set_index("path").status
+    assert (s.rows_ok, s.rows_failed) == (1, 3) and rows["film.png"] == "ok"
+    assert "is not a regular file" in rows["pipe.png"] and "is not a regular file" in rows["zero.dcm"]
+    assert "does not exist" in rows["gone.png"]
