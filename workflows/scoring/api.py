@@ -26,6 +26,7 @@ from loupe.core.registry import DOMAINS, discover_domains
 from loupe.core.tracking import NullTracker, Tracker, make_tracker
 from loupe.workflows.scoring.backends import BatchResult, RayOptions, build_engine, run_local, run_ray
 from loupe.workflows.scoring.inputs import InputList, collect_inputs
+from loupe.workflows.scoring.lock import output_lock
 from loupe.workflows.scoring.model import ResolvedModel, resolve_model
 from loupe.workflows.scoring.produce import Producer
 from loupe.workflows.scoring.table import Mode, PartsTable, table_schema, unit_schema
@@ -133,15 +134,16 @@ def score(
     out = Path(opts.out).expanduser().resolve()
     exclude = [out.with_name(out.name + s) for s in (".parts", ".artifacts", ".explain")]
     inputs = collect_inputs(opts.input, exclude=exclude, suffixes=suffixes)  # no inputs: usage error, at once
-    PartsTable(out, table_schema((), str(inputs.root))).check(opts.mode)  # refused before the model is loaded
-    registry, tracker = _trackers(opts)
-    if resolved is not None:
-        return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
-    resolved = resolve_model(opts.model, opts.domain, registry)
-    try:
-        return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
-    finally:
-        resolved.close()
+    with output_lock(out):  # one writer per table: a second run on the same --out is refused, not interleaved
+        PartsTable(out, table_schema((), str(inputs.root))).check(opts.mode)  # refused before the model is loaded
+        registry, tracker = _trackers(opts)
+        if resolved is not None:
+            return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
+        resolved = resolve_model(opts.model, opts.domain, registry)
+        try:
+            return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
+        finally:
+            resolved.close()
 
 
 def _score_resolved(
