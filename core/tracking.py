@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,18 @@ from loupe.core.paths import data_dir
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_DIR = "model"
+#: Tags naming the process that owns a run, so a later start can close runs whose process died (SIGKILL).
+PID_TAG, HOST_TAG = "loupe.pid", "loupe.host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def default_tracking_uri() -> str:
@@ -196,11 +209,24 @@ class MlflowTracker:
         location = (self._artifact_root / name).as_uri() if self._artifact_root else None
         return self.client.create_experiment(name, artifact_location=location)
 
+    def _close_orphans(self, exp_id: str) -> None:
+        """Runs of this experiment left RUNNING by a process of this host that is gone (SIGKILL, power loss):
+        marked KILLED, so the store never shows a dead job as running."""
+        me = socket.gethostname()
+        for r in self.client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=200):
+            pid, host = r.data.tags.get(PID_TAG), r.data.tags.get(HOST_TAG)
+            if host == me and pid and pid.isdigit() and not _alive(int(pid)):
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+                log.warning("MLflow run %s (%s) was left running by process %s, which is gone: marked KILLED",
+                            r.info.run_id, r.info.run_name, pid)  # fmt: skip
+
     @contextlib.contextmanager
     def run(self, name: str, experiment: str, tags: dict[str, str] | None = None) -> Iterator[MlflowRun]:
         try:
             exp_id = self._experiment_id(experiment)
-            mlrun = self.client.create_run(exp_id, run_name=name, tags=dict(tags or {}))
+            self._close_orphans(exp_id)
+            owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+            mlrun = self.client.create_run(exp_id, run_name=name, tags={**dict(tags or {}), **owner})
         except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear error
             raise TrackingError(
                 f"could not start an MLflow run at {self.uri!r}: {exc}. Check --tracking-uri / MLFLOW_TRACKING_URI"

@@ -70,6 +70,29 @@ def test_interrupted_run_is_marked_killed(store: str) -> None:
     assert MlflowClient(tracking_uri=store).get_run(run.run_id).info.status == "KILLED"
 
 
+def test_a_run_left_running_by_a_killed_process_is_marked_killed_on_the_next_start(store: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import time; from loupe.core.tracking import MlflowTracker\n"
+        f"with MlflowTracker({store!r}).run('doomed', experiment='loupe-test') as run:\n"
+        "    print(run.run_id, flush=True); time.sleep(600)"
+    )], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    run_id = child.stdout.readline().strip()
+    child.send_signal(signal.SIGKILL)  # no finally runs: the store still says RUNNING
+    child.wait(timeout=30)
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    tracker = MlflowTracker(store)
+    with tracker.run("live", experiment="loupe-test") as live:
+        assert client.get_run(run_id).info.status == "KILLED"  # the next start closed it
+        assert client.get_run(live.run_id).info.status == "RUNNING"  # a live process's run is left alone
+    with tracker.run("after", experiment="loupe-test"):
+        assert client.get_run(live.run_id).info.status == "FINISHED"
+
+
 def test_model_registry_alias_round_trip(store: str, tmp_path: Path) -> None:
     spec = WeightSpec(
         name="m", architecture="vit_micro_patch8", input_size=(1, 16, 16), mean=(0.5,), std=(0.5,), label_names=("x",)
