@@ -36,8 +36,19 @@ class InputList:
     skipped_examples: list[str] = field(default_factory=list)
 
     def relative(self, path: str) -> str:
-        """``path`` as recorded in tables: relative to the root, POSIX separators."""
-        return Path(os.path.relpath(path, self.root)).as_posix()
+        """``path`` as recorded in tables (see `recorded_path`)."""
+        return recorded_path(path, self.root)
+
+
+def utf8_text(s: str) -> str:
+    """``s`` as valid UTF-8 text: bytes of a file name that are not UTF-8 (which Python keeps as surrogate escapes,
+    and Parquet, JSON and MLflow refuse) written as ``\\xNN``."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def recorded_path(path: str | Path, root: str | Path) -> str:
+    """A path as tables record it: relative to the input root, POSIX separators, valid UTF-8 (`utf8_text`)."""
+    return utf8_text(Path(os.path.relpath(path, root)).as_posix())
 
 
 def collect_inputs(

@@ -73,7 +73,9 @@ def failure_reason(exc: BaseException, path: str = "") -> str:
     msg = str(exc) if isinstance(exc, LoupeError) else f"{type(exc).__name__}: {exc}"
     if path:  # a decoder's own message may name the file again: never a folder above the input (issue: no leaks)
         msg = msg.removeprefix(f"{path}: ").replace(str(path), Path(path).name)
-    return " ".join(msg.split())[:500]
+    from loupe.workflows.scoring.inputs import utf8_text
+
+    return utf8_text(" ".join(msg.split()))[:500]
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,9 @@ class Producer:
     options: tuple[tuple[str, Any], ...] = ()  # the run's unit options over the spec's (key, value) pairs
 
     def recorded(self, path: str) -> str:
-        import os
+        from loupe.workflows.scoring.inputs import recorded_path
 
-        return Path(os.path.relpath(path, self.root)).as_posix()
+        return recorded_path(path, self.root)
 
 
 def produce_packets(producer: Producer, paths: Sequence[str]) -> Iterator[Packet]:

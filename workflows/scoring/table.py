@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loupe.core.errors import ConfigError
+from loupe.workflows.scoring.inputs import utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,12 @@ def _schema(head, tail, labels: Sequence[str], kind: str, meta: dict[str, str]) 
 
 def table_schema(labels: Sequence[str], input_root: str = "") -> pa.Schema:
     """The Arrow schema of a predictions (file) table for a model with these label names."""
-    return _schema(FILE_HEAD, FILE_TAIL, labels, "files", {"loupe.input_root": input_root})
+    return _schema(FILE_HEAD, FILE_TAIL, labels, "files", {"loupe.input_root": utf8_text(input_root)})
 
 
 def unit_schema(labels: Sequence[str], input_root: str = "") -> pa.Schema:
     """The Arrow schema of a unit table (one row per unit of each file)."""
-    return _schema(UNIT_HEAD, UNIT_TAIL, labels, "units", {"loupe.input_root": input_root})
+    return _schema(UNIT_HEAD, UNIT_TAIL, labels, "units", {"loupe.input_root": utf8_text(input_root)})
 
 
 def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -74,3 +74,25 @@ def test_fifos_devices_and_dangling_links_are_failed_rows_not_hangs(tmp_path: Pa
     assert (s.rows_ok, s.rows_failed) == (1, 3) and rows["film.png"] == "ok"
     assert "is not a regular file" in rows["pipe.png"] and "is not a regular file" in rows["zero.dcm"]
     assert "does not exist" in rows["gone.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_resumed(tmp_path: Path, model_dir: Path) -> None:
+    import os
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from loupe.workflows.scoring import ScoreOptions, score
+
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(os.fsencode(root) + b"/film_\xff.png")  # Latin-1 name
+    Image.fromarray(np.full((40, 40), 160, np.uint8)).save(root / "ok.png")
+    opts = dict(domain="cxr", input=root, model=f"local-dir:{model_dir}", out=tmp_path / "p.parquet", track=False,
+                num_workers=0)  # fmt: skip
+    first = score(ScoreOptions(**opts))
+    assert (first.rows_ok, first.rows_failed) == (2, 0)
+    assert sorted(pd.read_parquet(tmp_path / "p.parquet").path) == ["film_\\xff.png", "ok.png"]
+    again = score(ScoreOptions(**opts, mode="resume"))
+    assert again.resumed == 2 and again.rows_ok == 2
