@@ -90,6 +90,10 @@ class WeightSpec:
         c = self.input_size[0]
         if c not in (1, 3):
             out.append(f"input_size channels must be 1 or 3, got {c}")
+        if not all(isinstance(v, int) and MIN_SIDE <= v <= MAX_SIDE for v in self.input_size[1:]):
+            out.append(f"input_size height and width must be whole numbers in [{MIN_SIDE}, {MAX_SIDE}], got "
+                       f"{list(self.input_size[1:])}")  # fmt: skip
+        out += _model_kwargs_problems(self.model_kwargs)
         if len(self.mean) != c or len(self.std) != c:
             out.append(f"mean/std need {c} values for {c} channel(s), got {len(self.mean)}/{len(self.std)}")
         if not all(math.isfinite(float(v)) for v in (*self.mean, *self.std)):
@@ -196,6 +200,37 @@ class WeightSpec:
 
 
 _TUPLE_FIELDS = ("input_size", "mean", "std", "label_names", "modalities", "outputs")
+
+
+MIN_SIDE, MAX_SIDE = 8, 4096  # model input sides in pixels
+#: Bounds on the size knobs a spec may pass to a model builder (a spec file is user input: depth 4000 ran for
+#: minutes and gigabytes before failing).
+KWARG_BOUNDS = {"depth": 64, "num_heads": 64, "embed_dim": 8192, "patch_size": 64, "mil_hidden": 8192,
+                "decoder_depth": 32, "decoder_dim": 8192, "mlp_ratio": 16}  # fmt: skip
+#: Keys that make a builder read files or the network: never from a spec (timm's pretrained_cfg_overlay,
+#: checkpoint_path, cache_dir, ...).
+_KWARG_REFUSED_PREFIXES = ("pretrained", "checkpoint", "cache", "hf_hub", "hub", "url", "file")
+_KWARG_REFUSED_SUFFIXES = ("_path", "_file", "_dir", "_url", "_uri")
+
+
+def _model_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
+    """``model_kwargs`` hold plain numbers, booleans and short names only, within `KWARG_BOUNDS`."""
+    out = []
+    for k, v in kwargs.items():
+        if k.lower().startswith(_KWARG_REFUSED_PREFIXES) or k.lower().endswith(_KWARG_REFUSED_SUFFIXES):
+            out.append(f"model_kwargs.{k} is not allowed: a weight spec may not make the model builder read files "
+                       "or the network (weights come from the spec's source)")  # fmt: skip
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif isinstance(v, (int, float)):
+            if not math.isfinite(float(v)) or v < 0 or v > KWARG_BOUNDS.get(k, math.inf):
+                out.append(f"model_kwargs.{k} = {v} is out of range (0 to {KWARG_BOUNDS.get(k, 'finite')})")
+        elif isinstance(v, str):
+            if len(v) > 64 or any(ch in v for ch in "/\\:") or v.startswith("."):
+                out.append(f"model_kwargs.{k} = {v!r}: only short names are allowed, not paths or URLs")
+        else:
+            out.append(f"model_kwargs.{k}: expected a number, a boolean or a short name, got {type(v).__name__}")
+    return out
 
 
 def _rule_problem(key: str, rule: Any) -> str | None:
