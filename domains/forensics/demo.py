@@ -20,17 +20,15 @@ Its spec says DEMO MODEL.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from loupe.core.models import build_model, save_model
+from loupe.core.models import save_model
 from loupe.core.paths import shared_data_dir
-from loupe.core.quickfit import fit_binary, with_youden_threshold
-from loupe.core.transforms import ModelInput
+from loupe.core.quickfit import train_demo_model
 from loupe.domains.forensics.models import forensics_spec
 
 log = logging.getLogger(__name__)
@@ -109,21 +107,14 @@ def demo_model(work_dir: Path, run: Any = None, fast: bool = False) -> Path:
         description=f"DEMO MODEL: a {DEMO_ARCH} trained for seconds on {what}, reading the central {IMG_SIZE} px "
         "unresampled. A demonstration of the pipeline, not a forensic detector.",
     )  # fmt: skip
-    prep = ModelInput(spec)
-    x = torch.stack([prep(a) for a in images])  # [N, 3, 64, 64]
-    y = torch.from_numpy(labels)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    k = len(x) // 5
-    val, train = order[:k], order[k:]
-    model, _ = build_model(spec)
-    t0 = time.perf_counter()
-    steps = fit_binary(model, (x[train], y[train]), 40 if fast else 400, run, budget_s=15 if fast else 75,
-                       batch_size=64, augment=lambda b: b.flip(3) if bool(torch.randint(0, 2, ())) else b)  # fmt: skip
-    spec = with_youden_threshold(model, spec, (x[val], y[val]), run)
-    if run is not None:
-        run.log_metrics({"train_seconds": time.perf_counter() - t0, "train_images": float(len(train))})
-        run.log_params({"demo_data": spec.description, "steps": steps, "architecture": spec.architecture})
-    return save_model(model.eval(), spec, Path(work_dir))
+    model, spec = train_demo_model(spec, images, labels, run, steps=40 if fast else 400, budget_s=15 if fast else 75,
+                                   augment=_hflip)  # fmt: skip
+    return save_model(model, spec, Path(work_dir))
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    """A left-right flip of the whole batch half the time (faces and photographs have no left or right)."""
+    return x.flip(3) if bool(torch.randint(0, 2, ())) else x
 
 
 def _stylegan_faces(csv: Path, fast: bool) -> tuple[list[np.ndarray], np.ndarray, str]:

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from loupe.core.models import build_model, save_model
+from loupe.core.models import save_model
 from loupe.core.paths import shared_data_dir
-from loupe.core.quickfit import fit_binary, with_youden_threshold
-from loupe.core.transforms import ModelInput
+from loupe.core.quickfit import train_demo_model
 from loupe.domains.pathology.models import pathology_spec
 
 log = logging.getLogger(__name__)
@@ -109,21 +107,9 @@ def demo_model(work_dir: Path, run: Any = None, fast: bool = False) -> Path:
         "nuclei-dense tiles (mean hematoxylin optical density above the median) from sparse ones. A demonstration "
         "of tiling, heatmaps and slide scoring, not a diagnostic model.",
     )  # fmt: skip
-    prep = ModelInput(spec)
-    x = torch.stack([prep(t) for t in tiles])  # [N, 3, 32, 32]
-    y = torch.from_numpy(labels)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    k = len(x) // 5
-    val, train = order[:k], order[k:]
-    model, _ = build_model(spec)
-    t0 = time.perf_counter()
-    steps = fit_binary(model, (x[train], y[train]), 40 if fast else 300, run, budget_s=20 if fast else 90,
-                       batch_size=64, augment=_dihedral)  # fmt: skip
-    spec = with_youden_threshold(model, spec, (x[val], y[val]), run)
-    if run is not None:
-        run.log_metrics({"train_seconds": time.perf_counter() - t0, "train_tiles": float(len(train))})
-        run.log_params({"demo_data": spec.description, "steps": steps, "architecture": spec.architecture})
-    return save_model(model.eval(), spec, Path(work_dir))
+    model, spec = train_demo_model(spec, tiles, labels, run, steps=40 if fast else 300, budget_s=20 if fast else 90,
+                                   augment=_dihedral)  # fmt: skip
+    return save_model(model, spec, Path(work_dir))
 
 
 def demo_tiles(slides: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:

@@ -49,4 +49,4 @@ def test_demo_model_learns_its_task_and_says_it_is_a_demo(tmp_path: Path) -> Non
     assert spec.description.startswith("DEMO MODEL") and spec.label_names == (demo.LABEL,)
     assert spec.task == "binary" and spec.aggregation == "topk:8" and demo.LABEL in spec.thresholds
     assert logged["val_auroc"] > 0.9, logged  # held-out tiles, after a few seconds of training
-    assert logged["train_tiles"] >= 100
+    assert logged["train_examples"] >= 100
