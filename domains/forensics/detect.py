@@ -41,6 +41,7 @@ from loupe.core.errors import ConfigError
 from loupe.core.evaluation import EvalConfig, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
 from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
+from loupe.core.pretrain import MAEModel, MAEPretrainBase
 from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
 from loupe.core.registry import MODELS
 from loupe.core.tracking import NullRun
@@ -65,7 +66,6 @@ LORA_TARGETS = (
     r".*(\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
     r"|resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj))"
 )
-MAE_FILE = "mae.safetensors"
 
 
 # ------------------------------------------------------------------------------------------- hypersphere losses
@@ -476,18 +476,6 @@ def pixel_baseline(frame: pd.DataFrame, root: Path, spec, cfg: EvalConfig) -> di
 
 # ------------------------------------------------------------------------------------------------------------ MAE
 @dataclass(frozen=True)
-class MAEModel:
-    name: str = "forensics_mae_vit_micro_patch8"
-    img_size: int = 64
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-
-    def problems(self) -> list[str]:
-        ok = self.name in MODELS and MODELS.entry(self.name).meta.get("kind") == "mae"
-        return [] if ok else [f"name: {self.name!r} is not a registered MAE model ({MODELS.names('*mae*')})"]
-
-
-@dataclass(frozen=True)
 class MAELoop:
     epochs: int = 50
     crops_per_image: int = 2
@@ -499,62 +487,25 @@ class MAELoop:
 class MAEPretrainConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(experiment="forensics-mae"))
     data: ForensicsData = field(default_factory=ForensicsData)
-    model: MAEModel = field(default_factory=MAEModel)
+    model: MAEModel = field(default_factory=lambda: MAEModel(name="forensics_mae_vit_micro_patch8"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, warmup_epochs=5, beta2=0.95))
     train: MAELoop = field(default_factory=MAELoop)
 
 
 @register_recipe("forensics.mae_pretrain", domain="forensics")
-class MAEPretrainRecipe(Recipe):
+class MAEPretrainRecipe(MAEPretrainBase):
     """Masked-autoencoder pretraining of a detector ViT on the train and validation images (labels unused)."""
 
     config_cls = MAEPretrainConfig
+    default_name = "forensics_mae"
 
-    def setup(self) -> None:
-        cfg = self.cfg
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg.run.device)
-        self.out = self.output_dir(cfg.run.name or "forensics_mae")
-        frame = load_forensics_manifest(cfg.data, cfg.run.seed)  # the detector's split: test images never seen
-        paths = [cfg.data.root / p for p in frame.loc[frame["split"] != "test", "path"]]
-        arch = cfg.model.name.replace("forensics_mae_", "forensics_")
-        self.spec = forensics_spec(cfg.run.name or "forensics_mae", arch, img_size=cfg.model.img_size,
-                                   task="embedding", label_names=(), layout="mae")  # fmt: skip
-        self.mae = MODELS.create(cfg.model.name, img_size=cfg.model.img_size, mask_ratio=cfg.model.mask_ratio,
-                                 norm_pix_loss=cfg.model.norm_pix_loss).to(self.device)  # fmt: skip
-        ds = NativeCrops(paths, cfg.model.img_size, cfg.train.crops_per_image, self.spec)
-        self.loader = make_loader(ds, DistInfo(), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                  train=True, seed=cfg.run.seed)  # fmt: skip
-        if len(self.loader) == 0:
-            raise ConfigError(f"no full batch: {len(ds)} crops, data.batch_size {cfg.data.batch_size}")
-        steps = cfg.train.epochs * len(self.loader)
-        warm = min(steps, int(round(cfg.optim.warmup_epochs * len(self.loader))))
-        opt = adamw(param_groups(self.mae, self.mae.backbone, weight_decay=cfg.optim.weight_decay), lr=cfg.optim.lr,
-                    betas=(0.9, cfg.optim.beta2))  # fmt: skip
-        device = self.device
-        self.trainer = Trainer(self.mae, opt, lambda model, b: model(b["image"].to(device))[0],
-                               schedule=WarmupCosine(cfg.optim.lr, steps, warm, cfg.optim.min_lr),
-                               cfg=LoopConfig(cfg.train.epochs, progress=cfg.train.progress), device=device,
-                               checkpoint_dir=self.out / "checkpoints")  # fmt: skip
+    def _images(self) -> list[Path]:
+        frame = load_forensics_manifest(self.cfg.data, self.cfg.run.seed)  # the detector's split: test never seen
+        return [self.cfg.data.root / p for p in frame.loc[frame["split"] != "test", "path"]]
 
-    def train(self) -> dict[str, Any]:
-        from safetensors.torch import save_file
+    def _spec(self, architecture: str):
+        return forensics_spec(self.cfg.run.name or self.default_name, architecture, img_size=self.cfg.model.img_size,
+                              task="embedding", label_names=(), layout="mae")  # fmt: skip
 
-        t0 = time.time()
-        with self.tracked_run() as run:
-            self.trainer.fit(self.loader, on_epoch_end=lambda e, m: run.log_metrics({"mae_loss": m["train_loss"]},
-                                                                                     step=e))  # fmt: skip
-            path = self.out / MAE_FILE
-            save_file(self.mae.mae_state_dict(), str(path))
-            self.spec.replace(source=f"file:{path.resolve()}").save(self.out / "weight_spec.json")
-            run.log_artifact(path, "mae")
-            hist = self.trainer.state.history
-            seconds = round(time.time() - t0, 1)
-            run.log_metrics({"wall_seconds": seconds})
-            return {"run_id": run.run_id, "mae_checkpoint": str(path.resolve()), "first_loss": hist[0]["train_loss"],
-                    "final_loss": hist[-1]["train_loss"], "train_seconds": seconds,
-                    "n_images": len(self.loader.dataset.paths)}  # fmt: skip
-
-    def evaluate(self) -> dict[str, Any]:
-        raise ConfigError("forensics.mae_pretrain trains; run it with `loupe train`")
+    def _dataset(self, paths: list[Path]):
+        return NativeCrops(paths, self.cfg.model.img_size, self.cfg.train.crops_per_image, self.spec)

@@ -25,6 +25,7 @@ from loupe.core.errors import ConfigError
 from loupe.core.evaluation import EvalConfig, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
 from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
+from loupe.core.pretrain import MAEModel, MAEPretrainBase
 from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
 from loupe.core.registry import MODELS
 from loupe.core.training import LoopConfig, Trainer
@@ -32,7 +33,6 @@ from loupe.domains.pathology.data import HEAugment, PatchData, load_patch_manife
 from loupe.domains.pathology.models import pathology_spec
 
 log = logging.getLogger(__name__)
-MAE_FILE = "mae.safetensors"
 
 
 @dataclass(frozen=True)
@@ -259,18 +259,6 @@ def colour_baseline(
 
 # ---------------------------------------------------------------------------------------------------- MAE
 @dataclass(frozen=True)
-class MAEModel:
-    name: str = "path_mae_vit_micro_patch8"
-    img_size: int = 64
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-
-    def problems(self) -> list[str]:
-        ok = self.name in MODELS and MODELS.entry(self.name).meta.get("kind") == "mae"
-        return [] if ok else [f"name: {self.name!r} is not a registered MAE model ({MODELS.names('*mae*')})"]
-
-
-@dataclass(frozen=True)
 class MAEData:
     """Unlabelled patches: the image column of each manifest (labels ignored, test rows left out)."""
 
@@ -291,7 +279,7 @@ class MAELoop:
 class MAEConfig_:
     run: RunConfig = field(default_factory=lambda: RunConfig(experiment="pathology-mae"))
     data: MAEData = field(default_factory=MAEData)
-    model: MAEModel = field(default_factory=MAEModel)
+    model: MAEModel = field(default_factory=lambda: MAEModel(name="path_mae_vit_micro_patch8"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, warmup_epochs=5, beta2=0.95))
     train: MAELoop = field(default_factory=MAELoop)
 
@@ -321,61 +309,31 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 @register_recipe("pathology.mae_pretrain", domain="pathology")
-class MAEPretrainRecipe(Recipe):
+class MAEPretrainRecipe(MAEPretrainBase):
     """Masked-autoencoder pretraining of a tile ViT on unlabelled H&E patches (self-supervised, in domain)."""
 
     config_cls = MAEConfig_
+    default_name = "pathology_mae"
 
-    def setup(self) -> None:
+    def _images(self) -> list[Path]:
         from loupe.core.data import read_manifest
 
-        cfg = self.cfg
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg.run.device)
-        self.out = self.output_dir(cfg.run.name or "pathology_mae")
         paths = []
-        for m in cfg.data.manifests:
+        for m in self.cfg.data.manifests:
             frame = read_manifest(Path(m))
             frame = frame[frame["split"] != "test"] if "split" in frame.columns else frame
-            column = next((c for c in cfg.data.path_columns if c in frame.columns), None)
+            column = next((c for c in self.cfg.data.path_columns if c in frame.columns), None)
             if column is None:
-                raise ConfigError(f"manifest {m} has none of the columns {list(cfg.data.path_columns)}")
+                raise ConfigError(f"manifest {m} has none of the columns {list(self.cfg.data.path_columns)}")
             paths += [Path(m).parent / p for p in frame[column]]
-        if not paths:
-            raise ConfigError("data.manifests hold no training images")
-        arch = cfg.model.name.replace("path_mae_vit", "path_vit")
-        self.spec = pathology_spec(cfg.run.name or "pathology_mae", arch, (), tile_px=cfg.model.img_size,
-                                   task="embedding", layout="mae")  # fmt: skip
-        self.mae = MODELS.create(cfg.model.name, img_size=cfg.model.img_size, mask_ratio=cfg.model.mask_ratio,
-                                 norm_pix_loss=cfg.model.norm_pix_loss).to(self.device)  # fmt: skip
-        ds = CropDataset(paths, cfg.model.img_size, cfg.data.crops_per_image, self.spec)
-        self.loader = make_loader(ds, DistInfo(), batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed)
-        if len(self.loader) == 0:
-            raise ConfigError(f"no full batch: {len(ds)} crops, batch_size {cfg.data.batch_size}")
-        steps = cfg.train.epochs * len(self.loader)
-        warm = min(steps, int(round(cfg.optim.warmup_epochs * len(self.loader))))
-        opt = adamw(param_groups(self.mae, self.mae.backbone, weight_decay=cfg.optim.weight_decay), lr=cfg.optim.lr,
-                    betas=(0.9, cfg.optim.beta2))  # fmt: skip
-        augment, device = HEAugment(self.spec.mean, self.spec.std, stain=0.0, light=0.0), self.device
-        self.trainer = Trainer(self.mae, opt, lambda model, b: model(augment(b["image"].to(device)))[0],
-                               schedule=WarmupCosine(cfg.optim.lr, steps, warm, cfg.optim.min_lr),
-                               cfg=LoopConfig(cfg.train.epochs, progress=cfg.train.progress), device=device,
-                               checkpoint_dir=self.out / "checkpoints")  # fmt: skip
+        return paths
 
-    def train(self) -> dict[str, Any]:
-        from safetensors.torch import save_file
+    def _spec(self, architecture: str):
+        return pathology_spec(self.cfg.run.name or self.default_name, architecture, (),
+                              tile_px=self.cfg.model.img_size, task="embedding", layout="mae")  # fmt: skip
 
-        t0 = time.time()
-        with self.tracked_run() as run:
-            self.trainer.fit(self.loader, on_epoch_end=lambda e, m: run.log_metrics({"mae_loss": m["train_loss"]},
-                                                                                     step=e))  # fmt: skip
-            path = self.out / MAE_FILE
-            save_file(self.mae.mae_state_dict(), str(path))
-            self.spec.replace(source=f"file:{path.resolve()}").save(self.out / "weight_spec.json")
-            run.log_artifact(path, "mae")
-            hist = self.trainer.state.history
-            seconds = round(time.time() - t0, 1)
-            run.log_metrics({"wall_seconds": seconds})
-            return {"run_id": run.run_id, "mae_checkpoint": str(path.resolve()), "first_loss": hist[0]["train_loss"],
-                    "final_loss": hist[-1]["train_loss"], "train_seconds": seconds}  # fmt: skip
+    def _dataset(self, paths: list[Path]):
+        return CropDataset(paths, self.cfg.model.img_size, self.cfg.data.crops_per_image, self.spec)
+
+    def _make_augment(self):
+        return HEAugment(self.spec.mean, self.spec.std, stain=0.0, light=0.0)  # flips and right-angle rotations
