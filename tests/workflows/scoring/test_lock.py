@@ -3,6 +3,7 @@ holder), and a holder killed with SIGKILL leaves no stale lock."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,12 +24,18 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
 ) -> None:
     root, files = inputs
     out = tmp_path / "p.parquet"
+    # the holder forks a child (as DataLoader workers are forked) that outlives it: the lock must not pass to it
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from loupe.workflows.scoring.lock import output_lock\n"
-        f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(600)"
+        "import os, time; from pathlib import Path; from loupe.workflows.scoring.lock import output_lock\n"
+        f"with output_lock(Path({str(out)!r})):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n        time.sleep(600); os._exit(0)\n"
+        "    print('held', child, flush=True); time.sleep(600)"
     )], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = 0
     try:
-        assert holder.stdout.readline().strip() == "held"
+        word, child = holder.stdout.readline().split()
+        assert word == "held"
         refused = _score(root, model_dir, out)
         assert refused.returncode == 2, refused.stdout + refused.stderr
         message = " ".join((refused.stdout + refused.stderr).split())
@@ -38,7 +45,11 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     t0 = time.monotonic()
-    done = _score(root, model_dir, out)  # the kernel dropped the killed holder's lock
+    try:
+        done = _score(root, model_dir, out)  # the kernel dropped the killed holder's lock; its live child has none
+    finally:
+        if child:
+            os.kill(int(child), signal.SIGKILL)
     assert done.returncode in (0, 1), done.stdout + done.stderr
     assert len(pd.read_parquet(out)) == len(files["good"]) + len(files["bad"])
     assert time.monotonic() - t0 < 120
