@@ -1,4 +1,4 @@
-"""Upload: score one DICOM or image with the domain's champion model, ad hoc, and see its case."""
+"""Upload: score one DICOM, image, slide or clip with the domain's champion model, ad hoc, and see its case."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ store = ctx.store(str(cfg.store_path))
 st.title("Score an upload")
 discover_domains()
 domain = st.selectbox("Domain", DOMAINS.names(), key="upload-domain")
-st.caption(f"DICOM, PNG, JPEG or TIFF, up to {MAX_UPLOAD_BYTES // 2**20} MiB. Stored in {cfg.data / 'uploads'} "
-           "under a name made from its content; scored with the domain's @champion model.")  # fmt: skip
+extra = ", ".join(sorted(DOMAINS.get(domain).input_suffixes))
+st.caption(f"DICOM, PNG, JPEG or TIFF{f' (or {extra})' if extra else ''}, up to {MAX_UPLOAD_BYTES // 2**20} MiB. "
+           f"Stored in {cfg.data / 'uploads'} under a name made from its content; scored with the domain's "
+           "@champion model.")  # fmt: skip
 upload = st.file_uploader("File", key="upload-file")
 if upload is not None:
     try:
-        stored = store_upload(cfg.data, upload.name, upload.getvalue())
+        stored = store_upload(cfg.data, upload.name, upload.getvalue(), suffixes=DOMAINS.get(domain).input_suffixes)
         with st.spinner("scoring"):
             tracker = ctx.tracker(cfg.tracking_uri)
             name, version = tracker.model_version(champion(domain, tracker))

@@ -5,6 +5,7 @@ the domain's champion model, and returned as a review case."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,12 @@ class Upload:
     sha256: str
 
 
-def store_upload(data_dir: str | Path, name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Upload:
-    """Check an upload and write it to ``<data_dir>/uploads/<sha256>/input<suffix>``; refuses with `UploadError`."""
+def store_upload(data_dir: str | Path, name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
+                 suffixes: Collection[str] = ()) -> Upload:  # fmt: skip
+    """Check an upload and write it to ``<data_dir>/uploads/<sha256>/input<suffix>``; refuses with `UploadError`.
+    ``suffixes``: the domain's own input formats (slides, clips) accepted by name besides DICOM / PNG / JPEG / TIFF,
+    which are recognised by content."""
+    accepted = IMAGE_SUFFIXES | {s.lower() for s in suffixes}
     if not content:
         raise UploadError(f"{name!r} is empty (0 bytes); upload the file itself")
     if len(content) > max_bytes:
@@ -39,9 +44,12 @@ def store_upload(data_dir: str | Path, name: str, content: bytes, max_bytes: int
         )
     kind = sniff_bytes(content[:132])
     suffix = Path(name).suffix.lower()
-    if kind == "unknown" and suffix not in IMAGE_SUFFIXES:
+    if kind == "unknown" and suffix not in accepted:
+        extra = sorted(set(accepted) - set(IMAGE_SUFFIXES))
         raise UploadError(
-            f"{name!r} is not a DICOM, PNG, JPEG or TIFF file (by its content and its name); upload one of those"
+            f"{name!r} is not a DICOM, PNG, JPEG or TIFF file (by its content and its name)"
+            + (f" nor one of this domain's formats ({', '.join(extra)})" if extra else "")
+            + "; upload one of those"
         )
     digest = hashlib.sha256(content).hexdigest()
     folder = (Path(data_dir) / UPLOADS / digest).resolve()
@@ -50,7 +58,7 @@ def store_upload(data_dir: str | Path, name: str, content: bytes, max_bytes: int
         raise UploadError("refusing to write outside the dashboard's data folder")
     folder.mkdir(parents=True, exist_ok=True)
     ext = {"dicom": ".dcm", "dicom-no-preamble": ".dcm", "png": ".png", "jpeg": ".jpg", "tiff": ".tif"}.get(kind)
-    dst = folder / f"input{ext or (suffix if suffix in IMAGE_SUFFIXES else '.bin')}"
+    dst = folder / f"input{ext or (suffix if suffix in accepted else '.bin')}"
     if not dst.exists():
         tmp = dst.with_name(dst.name + ".tmp")
         tmp.write_bytes(content)

@@ -27,3 +27,16 @@ def test_bad_uploads_are_refused_with_the_reason(tmp_path: Path, name: str, cont
     with pytest.raises(UploadError, match=message):
         store_upload(tmp_path, name, content, max_bytes=limit)
     assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())
+
+
+def test_a_domains_own_format_is_accepted_by_name_for_that_domain(tmp_path: Path) -> None:
+    from loupe.core.registry import DOMAINS, discover_domains
+
+    discover_domains()
+    clip = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 300  # an MP4 header: not an image by content
+    with pytest.raises(UploadError, match=r"nor one of this domain's formats \(.*\.mp4"):
+        store_upload(tmp_path, "clip.txt", clip, suffixes=DOMAINS.get("forensics").input_suffixes)
+    with pytest.raises(UploadError, match="not a DICOM, PNG, JPEG or TIFF"):
+        store_upload(tmp_path, "clip.mp4", clip)  # a domain without clips (the default) refuses it
+    up = store_upload(tmp_path, "Jane Doe interview.mp4", clip, suffixes=DOMAINS.get("forensics").input_suffixes)
+    assert up.path.name == "input.mp4" and "Jane" not in str(up.path)
