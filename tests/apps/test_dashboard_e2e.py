@@ -43,6 +43,23 @@ def _settle(page) -> None:
     page.wait_for_timeout(1000)
 
 
+def _open_case(page, domain: str, listed: str, pick: str | None = None) -> None:
+    """From the queue: switch to ``domain``, check its case list holds a ``listed`` (regex) case, pick the case whose
+    name matches ``pick`` (default: the first in the queue's order) and open it."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("link", name="Review queue").click()
+    expect(page.get_by_role("heading", name="Review queue")).to_be_visible()
+    page.get_by_test_id("stSelectbox").filter(has_text="Domain").click()
+    page.get_by_role("option", name=domain).click()
+    case_pick = page.get_by_role("combobox", name="Case")
+    expect(case_pick).to_have_value(re.compile(listed))
+    if pick:
+        case_pick.click()
+        page.get_by_role("option", name=re.compile(pick)).click()
+    page.get_by_role("button", name="Open case").click()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,28 +153,14 @@ def test_a_reviewer_goes_through_the_demo_cases_in_a_real_browser(server, tmp_pa
         page.screenshot(path=shots / "upload.png", full_page=True)
 
         # the demo's slides: the pathology queue, then a slide case with its heatmap and tile grid
-        page.get_by_role("link", name="Review queue").click()
-        expect(page.get_by_role("heading", name="Review queue")).to_be_visible()
-        page.get_by_test_id("stSelectbox").filter(has_text="Domain").click()
-        page.get_by_role("option", name="pathology").click()
-        case_pick = page.get_by_role("combobox", name="Case")
-        expect(case_pick).to_have_value(re.compile(r"cmu_small_region\.svs|ihc_skimage\.tif"))
-        page.get_by_role("button", name="Open case").click()
+        _open_case(page, "pathology", r"cmu_small_region\.svs|ihc_skimage\.tif")
         expect(page.get_by_role("heading", name="Case 1 of")).to_be_visible()
         expect(page.get_by_text("Nuclei-dense").first).to_be_visible()
         _settle(page)
         page.screenshot(path=shots / "slide-case.png", full_page=True)
 
         # the demo's forensics media: the clip's case shows its face frame and the per-frame timeline
-        page.get_by_role("link", name="Review queue").click()
-        expect(page.get_by_role("heading", name="Review queue")).to_be_visible()
-        page.get_by_test_id("stSelectbox").filter(has_text="Domain").click()
-        page.get_by_role("option", name="forensics").click()
-        case_pick = page.get_by_role("combobox", name="Case")
-        expect(case_pick).to_have_value(re.compile(r"\.(png|mp4)$"))
-        case_pick.click()
-        page.get_by_role("option", name=re.compile("astronaut_clip")).click()
-        page.get_by_role("button", name="Open case").click()
+        _open_case(page, "forensics", r"\.(png|mp4)$", pick="astronaut_clip")
         expect(page.get_by_text("astronaut_clip.mp4").first).to_be_visible()
         expect(page.get_by_text("Fake").first).to_be_visible()
         _settle(page)
