@@ -26,6 +26,7 @@ from loupe.core.paths import data_dir
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_DIR = "model"
+WEIGHTS_SHA_TAG = "weights_sha256"
 #: Tags naming the process that owns a run, so a later start can close runs whose process died (SIGKILL).
 PID_TAG, HOST_TAG = "loupe.pid", "loupe.host"
 
@@ -38,6 +39,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def _check_registered_sha(folder: Path, registered: str, uri: str) -> None:
+    """Refuse a downloaded model whose weights are not the ones registered (tampered store or artifact)."""
+    from loupe.core.io.identity import file_sha256
+    from loupe.core.models.weights import find_weights_file
+
+    actual = file_sha256(find_weights_file(folder))
+    if actual != registered:
+        raise TrackingError(
+            f"{uri}: the downloaded weights have SHA-256 {actual[:12]}… but {registered[:12]}… was recorded when the "
+            f"version was registered; the artifact store was changed. Re-register the model from a trusted copy"
+        )
 
 
 def default_tracking_uri() -> str:
@@ -251,6 +265,9 @@ class MlflowTracker:
             self.client.create_registered_model(name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_DIR}"
         mv = self.client.create_model_version(name, source=source, run_id=run_id)
+        sha = self._artifact_weights_sha(run_id)
+        if sha:  # recorded at registration, checked again on every download (resolve_model_uri)
+            self.client.set_model_version_tag(name, mv.version, WEIGHTS_SHA_TAG, sha)
         if alias:
             self.set_alias(name, mv.version, alias)
         return str(mv.version)
@@ -272,8 +289,10 @@ class MlflowTracker:
                     name, _, version = ref.partition("/")
                     mv = self.client.get_model_version(name, version)
                 run_id, path = mv.run_id, MODEL_ARTIFACT_DIR
+                registered_sha = (mv.tags or {}).get(WEIGHTS_SHA_TAG)
             elif uri.startswith("runs:/"):
                 run_id, _, path = uri.removeprefix("runs:/").partition("/")
+                registered_sha = None
             else:
                 raise TrackingError(f"{uri!r} is not an MLflow model URI; use models:/NAME@ALIAS or runs:/ID/model")
             Path(dst).mkdir(parents=True, exist_ok=True)
@@ -285,7 +304,21 @@ class MlflowTracker:
                 f"could not resolve {uri!r} in the MLflow store {self.uri!r}: {exc.message}. "
                 f"List registered models with `loupe models registered`."
             ) from None
+        if registered_sha:
+            _check_registered_sha(Path(local), registered_sha, uri)
         return Path(local)
+
+    def _artifact_weights_sha(self, run_id: str) -> str | None:
+        """The weights SHA-256 the run's model spec recorded (None for a model saved before it was recorded)."""
+
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(prefix="loupe-register-") as tmp:
+            try:
+                spec = self.client.download_artifacts(run_id, f"{MODEL_ARTIFACT_DIR}/weight_spec.json", tmp)
+                return json.loads(Path(spec).read_text()).get("weights_sha256")
+            except (MlflowException, OSError, ValueError):
+                return None
 
     def model_version(self, uri: str) -> tuple[str | None, str | None]:
         """(registered name, version) behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; run id for runs:/."""

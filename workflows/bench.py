@@ -74,10 +74,17 @@ def domain_inputs(domain: str, folder: Path, count: int = 16) -> list[Path]:
 
 
 def input_folder(folder: Path, sources: Sequence[Path], n: int) -> Path:
-    """``n`` inputs as symlinks cycling over ``sources`` (distinct paths, shared bytes: the pipeline is measured)."""
+    """``n`` inputs as hard links cycling over ``sources`` (distinct paths, shared bytes: the pipeline is measured;
+    copies where the sources sit on another file system). Not symlinks: scoring refuses links out of its root."""
+    import shutil
+
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (folder / f"in_{i:06d}{sources[i % len(sources)].suffix}").symlink_to(sources[i % len(sources)])
+        src, dst = sources[i % len(sources)], folder / f"in_{i:06d}{sources[i % len(sources)].suffix}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
     return folder
 
 

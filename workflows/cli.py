@@ -207,6 +207,9 @@ def score_cmd(
         "--option",
         help="Unit option over the model's, key=value (e.g. slide_mpp=0.25 for slides that state none, tile_mpp=0.5).",
     ),
+    allow_root: list[Path] = typer.Option(
+        None, "--allow-root", help="A folder besides --input's that inputs (links, manifest paths) may lead into."
+    ),
 ) -> None:
     """Score every input under --input into one predictions row each (and unit rows where the domain has units).
     Exit 1 if any input failed."""
@@ -229,6 +232,7 @@ def score_cmd(
         model=model,
         out=out,
         mode="resume" if resume else "overwrite" if overwrite else "new",
+        allow_roots=tuple(allow_root or ()),
         backend=backend,  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=num_workers,

@@ -22,6 +22,7 @@ Nothing else identifying (no names, IDs, birth dates, accession numbers, institu
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -325,20 +326,33 @@ def _base_meta(path: Path, ds: Dataset, tsyntax: Any, frames: int) -> dict[str, 
     meta["compressed"] = bool(tsyntax.is_encapsulated)
     for key, keyword in _META_TAGS.items():
         meta[key] = _text(ds, keyword)
-    meta["patient_age_years"] = age_years(meta.get("patient_age"))
-    if meta["patient_age_years"] is not None and meta["patient_age_years"] >= 90:
-        meta["patient_age"] = "090Y+"  # HIPAA safe harbour: ages over 89 are identifying, aggregate them
+    meta["patient_age"], meta["patient_age_years"] = normalise_age(meta.get("patient_age"))
     meta["pixel_spacing"], meta["pixel_spacing_source"] = _pixel_spacing(ds)
     return meta
 
 
+_AGE = re.compile(r"\s*(\d{1,3})\s*([YMWD])\s*", re.IGNORECASE)
+_PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+
+
 def age_years(value: str | None) -> float | None:
     """DICOM AS (``"045Y"``, ``"006M"``, ``"003W"``, ``"010D"``) in years, capped at 90; None when absent/bad."""
-    if not value or len(value) < 2 or not value[:-1].strip().isdigit():
-        return None
-    n, unit = int(value[:-1]), value[-1].upper()
-    per_year = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}.get(unit)
-    return None if per_year is None else min(n / per_year, 90.0)
+    m = _AGE.fullmatch(value or "")
+    return None if m is None else min(int(m[1]) / _PER_YEAR[m[2].upper()], 90.0)
+
+
+def normalise_age(value: str | None) -> tuple[str | None, float | None]:
+    """(PatientAge as stored by Loupe, years): the canonical ``nnnU`` form, ``"090Y+"`` for 90 and over (HIPAA safe
+    harbour: such ages identify), and None for anything that is not a DICOM age string. The file's own text is
+    never kept: free text (``"94 years, John"``) could carry anything."""
+    m = _AGE.fullmatch(value or "")
+    if m is None:
+        return None, None
+    years = age_years(value)
+    assert years is not None
+    if years >= 90:
+        return "090Y+", 90.0
+    return f"{int(m[1]):03d}{m[2].upper()}", years
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:

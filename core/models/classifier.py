@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loupe.core.errors import ConfigError, WeightsMismatchError
+from loupe.core.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 from loupe.core.models.backbones import (
     Backbone,
     OpenClipText,
@@ -327,14 +327,18 @@ def load_open_clip_text(arch: str, source: str | None = None) -> OpenClipText:
 
 
 def save_model(model: nn.Module, spec: WeightSpec, out_dir: str | Path) -> Path:
-    """Write ``weights.safetensors`` + ``weight_spec.json`` (source cleared, layout loupe) into ``out_dir``."""
+    """Write ``weights.safetensors`` + ``weight_spec.json`` (source cleared, layout loupe, the weights' SHA-256
+    recorded) into ``out_dir``."""
     from safetensors.torch import save_file
+
+    from loupe.core.io.identity import file_sha256
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(_dedupe_shared(state), str(out / WEIGHTS_FILE))
-    spec.replace(source=None, layout="loupe").save(out / SPEC_FILE)
+    sha = file_sha256(out / WEIGHTS_FILE)
+    spec.replace(source=None, layout="loupe", weights_sha256=sha).save(out / SPEC_FILE)
     return out
 
 
@@ -349,12 +353,37 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model_dir(path: str | Path) -> tuple[Classifier, WeightSpec]:
-    """Load a folder written by `save_model` (or downloaded from MLflow)."""
+    """Load a folder written by `save_model` (or downloaded from MLflow), or one weights file inside such a folder
+    (``file:`` references name the file they mean: ``folder/X.pt`` loads X.pt, never the folder's other weights).
+
+    The weights file's SHA-256 is checked against the one its spec recorded at save / registration time before
+    anything is built; a mismatch is refused (the file was changed or damaged after it was saved).
+    """
+    from loupe.core.io.identity import file_sha256
+
     p = Path(path)
-    if not (p / SPEC_FILE).is_file():
-        raise ConfigError(f"{p} has no {SPEC_FILE}; it is not a Loupe model folder (save one with save_model)")
-    spec = WeightSpec.load(p / SPEC_FILE)
-    find_weights_file(p)
-    model, _ = build_model(spec.replace(source=f"local-dir:{p}", layout="loupe"))
+    folder, weights = (p.parent, p) if p.is_file() else (p, None)
+    if not (folder / SPEC_FILE).is_file():
+        raise ConfigError(f"{folder} has no {SPEC_FILE}; it is not a Loupe model folder (save one with save_model)")
+    spec = WeightSpec.load(folder / SPEC_FILE)
+    try:
+        own = find_weights_file(folder)  # the file save_model wrote, which the recorded SHA-256 describes
+    except WeightsNotFoundError:
+        if weights is None:
+            raise
+        own = None
+    weights = weights or own
+    assert weights is not None
+    same = own is not None and weights.resolve() == own.resolve()
+    if spec.weights_sha256 and same:
+        actual = file_sha256(weights)
+        if actual != spec.weights_sha256:
+            raise WeightsMismatchError(
+                f"{weights}: SHA-256 {actual[:12]}… differs from the {spec.weights_sha256[:12]}… recorded in "
+                f"{folder / SPEC_FILE} when the model was saved; the file was changed or damaged. Restore the model "
+                f"folder from its MLflow run (or re-save it with save_model if you changed the weights on purpose)"
+            )
+    source = f"local-dir:{folder}" if same else f"file:{weights}"
+    model, _ = build_model(spec.replace(source=source, layout="loupe"))
     model.eval()
     return model, spec

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,8 @@ class WeightSpec:
     ``unit_options``: how the domain cuts units for this model (a pathology model's tile size in microns, a video
     model's frames per clip); a run may override them (``loupe score --option key=value``). Part of the
     preprocessing hash.
+    ``weights_sha256``: the SHA-256 of the folder's weights file, written by `save_model` and checked by
+    `load_model_dir` before anything is built (a changed or damaged file is refused, not loaded).
     """
 
     name: str
@@ -79,6 +82,7 @@ class WeightSpec:
     unit_thresholds: dict[str, float] = field(default_factory=dict)
     mask_threshold: float = 0.5
     unit_options: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -107,6 +111,8 @@ class WeightSpec:
             for k, v in table.items():
                 if not 0.0 <= float(v) <= 1.0:
                     out.append(f"{name[:-1]} for {k!r} must be a probability in [0, 1], got {v}")
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(self.weights_sha256)):
+            out.append(f"weights_sha256 must be 64 lowercase hex digits, got {self.weights_sha256!r}")
         bad = [m for m in self.modalities if not (isinstance(m, str) and m.isalnum() and m.isupper())]
         if bad:
             out.append(f"modalities must be DICOM modality codes in capitals (CR, DX, CT, ...), got {bad}")

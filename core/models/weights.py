@@ -146,8 +146,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise WeightsMismatchError(
-                f"{p}: refusing to load - the checkpoint holds Python objects beyond tensors ({exc}). Loupe never "
-                f"unpickles code; re-save it as tensors only (torch.save(model.state_dict())) or as .safetensors"
+                f"{p}: refusing to load - the checkpoint holds Python objects beyond tensors "
+                f"({_what_was_found(exc)}); loading it could run code. Loupe never unpickles code. Convert it "
+                f"to safetensors once, in an isolated "
+                f'environment and only if you trust where it came from: python -c "import torch; '
+                f"from safetensors.torch import save_file; sd = torch.load('{p.name}', weights_only=False); "
+                f"save_file(sd.get('state_dict', sd), '{p.stem}.safetensors')\" - then use file:{p.stem}.safetensors"
             ) from None
         except (RuntimeError, EOFError, OSError) as exc:
             raise WeightsMismatchError(
@@ -155,6 +159,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         sd = _unwrap(obj, p)
     return _strip_prefix(sd, "module.")
+
+
+def _what_was_found(exc: BaseException) -> str:
+    """The line of torch's long weights-only message that says what was found (``unsupported GLOBAL ...``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0] if lines else type(exc).__name__)
+    return hit[:200]
 
 
 def _unwrap(obj: object, p: Path) -> dict[str, torch.Tensor]:

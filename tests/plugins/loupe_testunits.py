@@ -1,6 +1,8 @@
 """A domain defined by the test suite only (never shipped), proving the scoring contracts before real domains use
 them: each image is cut into a 2 x 2 grid of tile units (regions in image pixels), an image whose name holds
-``badtile`` has its second tile fail, and the model it is scored with returns scores and a pixel mask.
+``badtile`` has its second tile fail, and the model it is scored with returns scores and a pixel mask. Hostile
+readers for the trust tests: an image whose name holds ``segfault`` kills its reader process half-way through its
+tiles (what a crashing C decoder does), one whose name holds ``spin`` loops forever on its third tile.
 
 Loaded as a plugin (``LOUPE_PLUGINS=loupe_testunits`` with ``tests/plugins`` on ``PYTHONPATH``), the way an
 installed third-party domain would be, so subprocesses and Ray actors find it too.
@@ -8,6 +10,8 @@ installed third-party domain would be, so subprocesses and Ray actors find it to
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from loupe.core.domain import DomainInfo, register_domain
@@ -32,6 +36,11 @@ def read_tiles(path: Path, spec: WeightSpec, options: dict | None = None) -> Fil
         for i in range(GRID * GRID):
             r, c = divmod(i, GRID)
             info = UnitInfo(i, "tile", (c * tw, r * th, tw, th), level=0, meta={"row": r, "col": c})
+            if "segfault" in path.name and i == 2:
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if "spin" in path.name and i == 2:
+                while True:  # a decoder stuck in a loop: only the read deadline ends it
+                    pass
             if "badtile" in path.name and i == 1:
                 yield UnitFailure("tile 1 cannot be read (planted by the test)", info)
                 continue

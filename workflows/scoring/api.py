@@ -61,6 +61,7 @@ class ScoreOptions:
     experiment: str = EXPERIMENT
     tags: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # unit options over the model's (`--option key=value`)
+    allow_roots: tuple[Path, ...] = ()  # folders besides the input root that inputs may resolve into (`--allow-root`)
 
 
 @dataclass
@@ -192,8 +193,9 @@ def _batches(
 ) -> Iterator[BatchResult]:
     schemas = (table.schema, table.unit_schema)
     provenance = {**rm.provenance.to_dict(), "out_name": table.out.name}
+    roots = tuple(str(Path(r).expanduser().resolve()) for r in (inputs.root, *opts.allow_roots))
     producer = {"root": str(inputs.root), "done": frozenset(done), "batch_size": opts.batch_size,
-                "options": tuple(sorted(opts.options.items()))}  # fmt: skip
+                "options": tuple(sorted(opts.options.items())), "roots": roots}  # fmt: skip
     if opts.backend == "ray":
         ray_kwargs = {"model_dir": str(rm.model_dir), "provenance": provenance, "domain": opts.domain,
                       "producer": producer, "explain": opts.explain, "table_dir": str(table.out.parent)}  # fmt: skip

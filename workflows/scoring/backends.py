@@ -8,6 +8,9 @@ number of inputs, and over any number of units in one file.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loupe.workflows.scoring.engine import Assembler, Scorer
-from loupe.workflows.scoring.produce import Packet, Producer, produce_packets
+from loupe.workflows.scoring.produce import FileRecord, Packet, Producer, produce_packets
 from loupe.workflows.scoring.table import Batch, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -55,22 +58,61 @@ def score_packet(packet: Packet, scorer: Scorer, assembler: Assembler) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------------ local
-class PacketStream(IterableDataset):
-    """Packets of the paths assigned to this DataLoader worker (worker k of W takes files k, k+W, ...)."""
+#: Bounds on reading one untrusted input in a DataLoader worker: its memory beyond what the worker holds at start
+#: (an allocation past it is a MemoryError, so a failed row, never the OOM killer taking the batch) and its time.
+READ_MEMORY_MIB = int(os.environ.get("LOUPE_READ_MEMORY_MIB", "1536"))
+READ_SECONDS = float(os.environ.get("LOUPE_READ_SECONDS", "300"))
 
-    def __init__(self, paths: list[str], producer: Producer):
+
+class PacketStream(IterableDataset):
+    """Packets of the paths assigned to this DataLoader worker (worker k of W takes files k, k+W, ...).
+
+    ``slots``: shared memory where worker k writes its pid and the index (in ``paths``) of the file it is reading,
+    so the main process can name the file a dead worker was on."""
+
+    def __init__(self, paths: list[str], producer: Producer, slots: Any = None):
         # one UTF-8 buffer: no per-string objects whose refcounts would copy pages into every worker
         self.paths = np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=np.bytes_)
-        self.producer = producer
+        self.producer, self.slots = producer, slots
 
     def __iter__(self) -> Iterator[Packet]:
         info = get_worker_info()
         mine = self.paths if info is None else self.paths[info.id :: info.num_workers]
-        return produce_packets(self.producer, [p.decode("utf-8", "surrogateescape") for p in mine])
+        paths = [p.decode("utf-8", "surrogateescape") for p in mine]
+        if info is None or self.slots is None:
+            return produce_packets(self.producer, paths)
+        slots, k, n = self.slots, info.id, info.num_workers
+        slots[2 * k] = os.getpid()
+
+        def on_file(i: int) -> None:
+            slots[2 * k + 1] = k + i * n
+
+        return produce_packets(self.producer, paths, on_file=on_file, time_limit=READ_SECONDS)
 
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the model's process keeps the cores for matmuls
+    limit_memory(READ_MEMORY_MIB)
+
+
+def limit_memory(mib: int) -> None:
+    """Cap this process's data segment (heap and anonymous mappings: where decoders allocate) at what it uses now
+    plus ``mib``; 0 leaves it alone."""
+    import resource
+
+    if mib <= 0:
+        return
+    used = 0
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmData:"):
+                used = int(line.split()[1]) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = used + mib * 2**20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def _as_is(packet: Packet) -> Packet:
@@ -85,19 +127,62 @@ def run_local(
     schemas: tuple[pa.Schema, pa.Schema | None],
     num_workers: int,
 ) -> Iterator[BatchResult]:
-    """Score ``paths`` with a DataLoader (``num_workers`` processes); one result per packet."""
-    loader = DataLoader(
-        PacketStream(paths, producer),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_as_is,
-        worker_init_fn=_init_worker if num_workers else None,
-        prefetch_factor=2 if num_workers else None,
-        pin_memory=scorer.device.type == "cuda",
-    )
-    for packet in loader:
-        files, units = score_packet(packet, scorer, assembler)
-        yield _result(files, units, packet, schemas)
+    """Score ``paths`` with a DataLoader (``num_workers`` processes); one result per packet.
+
+    A worker that dies (a decoder crash, a signal) does not end the batch: the file it was reading becomes a failed
+    row and a new loader goes on with the files no row covers yet (files other workers had half-read start again)."""
+    pending = list(paths)
+    while pending:
+        slots = multiprocessing.Array("q", [-1] * (2 * max(num_workers, 1)), lock=False) if num_workers else None
+        loader = DataLoader(
+            PacketStream(pending, producer, slots),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_as_is,
+            worker_init_fn=_init_worker if num_workers else None,
+            prefetch_factor=2 if num_workers else None,
+            pin_memory=scorer.device.type == "cuda",
+        )
+        finished: set[str] = set()
+        try:
+            for packet in loader:
+                files, units = score_packet(packet, scorer, assembler)
+                finished.update(f.path for f in packet.files)
+                yield _result(files, units, packet, schemas)
+            return
+        except RuntimeError as exc:
+            dead = _dead_worker_files(exc, slots, pending)
+            if not dead:
+                raise
+        for i, reason in dead.items():
+            rec = producer.recorded(pending[i])
+            log.warning("%s: the reader process died while reading it (%s); recorded as failed", rec, reason)
+            assembler.discard(rec)
+            why = f"failed: the reader died while reading this file ({reason}): a decoder crash or a hostile file"
+
+            packet = Packet(files=[FileRecord(path=rec, status=why)])
+            files, units = score_packet(packet, scorer, assembler)
+            finished.add(rec)
+            yield _result(files, units, packet, schemas)
+        pending = [p for p in pending if producer.recorded(p) not in finished]
+
+
+def _dead_worker_files(exc: RuntimeError, slots: Any, pending: list[str]) -> dict[int, str]:
+    """{index in ``pending``: why} for the files that DataLoader workers named in ``exc`` were reading when they
+    died; empty when ``exc`` is not a worker's death."""
+    msg = str(exc)
+    if slots is None or "DataLoader worker" not in msg:
+        return {}
+    m = re.search(r"pid\(?s?\)? ([\d, ]+)", msg)
+    pids = {int(p) for p in m[1].replace(",", " ").split()} if m else set()
+    sig = re.search(r"killed by signal: ([^.]+)", msg)
+    reason = f"killed by signal {sig[1].strip()}" if sig else "it exited unexpectedly"
+    out = {}
+    for k in range(len(slots) // 2):
+        pid, i = slots[2 * k], slots[2 * k + 1]
+        if pid in pids and 0 <= i < len(pending):
+            out[i] = reason
+    return out
 
 
 def _result(files: list[dict], units: list[dict], packet: Packet, schemas) -> BatchResult:

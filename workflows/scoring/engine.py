@@ -156,6 +156,10 @@ class Assembler:
             units += unit_rows
         return files, units
 
+    def discard(self, path: str) -> None:
+        """Forget the units of ``path`` received so far (its reader died; its row is written as failed)."""
+        self._open.pop(path, None)
+
     # ----------------------------------------------------------------------------------------------- units
     def _unit_result(self, acc: _Acc, info: UnitInfo, out: UnitOutputs, k: int) -> None:
         acc.scores.append(out.scores[k])

@@ -2,8 +2,9 @@
 
 Accepted, in this order: ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/ID/model`` (through the
 tracker's model registry), ``local-dir:/folder`` or ``file:/folder|file:/folder/weights.safetensors`` (a Loupe model
-folder written by ``save_model``), or a registered weight tag (``loupe weights list``). A registered architecture
-without weights is refused: scoring random weights would produce a table that looks real and means nothing.
+folder written by ``save_model``; ``file:/folder/X.pt`` loads X.pt itself, with the folder's spec), or a registered
+weight tag (``loupe weights list``). A registered architecture without weights is refused: scoring random weights
+would produce a table that looks real and means nothing.
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def resolve_model(ref: str, domain: str, tracker: Tracker | None = None) -> Reso
     if ref.startswith(("models:/", "runs:/")):
         return _from_registry(ref, domain, tracker)
     if ref.startswith(("local-dir:", "file:")):
-        folder = _model_folder(ref)
-        model, spec = load_model_dir(folder)
-        return _resolved(model, spec, folder, domain, ref, spec.name, spec.version)
+        folder, weights = _model_folder(ref)
+        model, spec = load_model_dir(weights or folder)
+        if weights is None or weights.resolve() == find_weights_file(folder).resolve():
+            return _resolved(model, spec, folder, domain, ref, spec.name, spec.version)
+        # file:folder/X.pt names other weights than the folder's own: Ray actors get a folder holding exactly them
+        tmp = tempfile.TemporaryDirectory(prefix="loupe-score-model-")
+        res = _resolved(model, spec, save_model(model, spec, tmp.name), domain, ref, spec.name, spec.version, tmp)
+        res.provenance = Provenance(**{**res.provenance.to_dict(), "weights_sha256": file_sha256(weights)})
+        return res
     if ref in WEIGHTS:
         return _from_tag(ref, domain)
     if ref in MODELS:
@@ -78,7 +85,8 @@ def resolve_model(ref: str, domain: str, tracker: Tracker | None = None) -> Reso
     )
 
 
-def _model_folder(ref: str) -> Path:
+def _model_folder(ref: str) -> tuple[Path, Path | None]:
+    """The model folder ``ref`` names and, for ``file:folder/X``, the weights file X itself."""
     p = Path(ref.partition(":")[2]).expanduser()
     folder = p.parent if p.is_file() else p
     if not (folder / SPEC_FILE).is_file():
@@ -86,7 +94,7 @@ def _model_folder(ref: str) -> Path:
             f"--model {ref!r}: {folder} is not a Loupe model folder (no {SPEC_FILE}); save one with "
             f"loupe.core.models.save_model, or score a registered model with models:/NAME@ALIAS"
         )
-    return folder.resolve()
+    return folder.resolve(), (p.resolve() if p.is_file() else None)
 
 
 def _resolved(

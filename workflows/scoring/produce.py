@@ -10,7 +10,10 @@ thousands of tiles stream through many packets: memory is bounded by one packet,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +81,10 @@ def failure_reason(exc: BaseException, path: str = "") -> str:
     return utf8_text(" ".join(msg.split()))[:500]
 
 
+class InputOutsideRoot(LoupeError):
+    """An input path that leads out of the folders the user named."""
+
+
 @dataclass(frozen=True)
 class Producer:
     """Everything `produce_packets` needs, picklable (it travels to worker processes and Ray actors)."""
@@ -90,6 +97,7 @@ class Producer:
     batch_size: int = 32
     meta_keys: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # the run's unit options over the spec's (key, value) pairs
+    roots: tuple[str, ...] = ()  # resolved folders an input may live in (the input root + --allow-root); () = any
 
     def recorded(self, path: str) -> str:
         from loupe.workflows.scoring.inputs import recorded_path
@@ -97,11 +105,17 @@ class Producer:
         return recorded_path(path, self.root)
 
 
-def produce_packets(producer: Producer, paths: Sequence[str]) -> Iterator[Packet]:
-    """Packets over ``paths`` (absolute) in order; see the module docstring."""
+def produce_packets(
+    producer: Producer, paths: Sequence[str], on_file: Callable[[int], None] | None = None, time_limit: float = 0.0
+) -> Iterator[Packet]:
+    """Packets over ``paths`` (absolute) in order; see the module docstring. ``on_file(i)`` is told before the
+    i-th file is opened (a worker's "what am I reading", for when it dies); ``time_limit`` > 0 bounds each file's
+    reading in seconds (the main thread's SIGALRM: use it only in processes that own it, like DataLoader workers)."""
     buf = _Buffer(producer.batch_size)
-    for path in paths:
-        yield from _one_file(producer, path, buf)
+    for i, path in enumerate(paths):
+        if on_file is not None:
+            on_file(i)
+        yield from _one_file(producer, path, buf, time_limit)
         if len(buf.packet.files) >= producer.batch_size:  # files without model work still get committed
             yield buf.flush()
     if buf.packet.files or buf.packet.units:
@@ -126,35 +140,66 @@ class _Buffer:
         return packet
 
 
-def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
+class ReadTimeout(LoupeError):
+    """Reading one input took longer than the run allows (a hostile or pathological file)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, limit: float) -> Iterator[None]:
+    """Raise `ReadTimeout` in this (main) thread if the block runs past ``seconds``; 0 = no limit. The clock only
+    runs inside the block: time a worker waits to hand a packet on does not count against the file."""
+    if seconds <= 0:
+        yield
+        return
+
+    def _expired(signum: int, frame: object) -> None:
+        raise ReadTimeout(f"reading took longer than {limit:g} s, the limit for one file; it was stopped")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _one_file(producer: Producer, path: str, buf: _Buffer, time_limit: float = 0.0) -> Iterator[Packet]:
     rec = FileRecord(path=producer.recorded(path))
     busy = 0.0
     t0 = time.perf_counter()
+    left = time_limit  # seconds of reading this file may still use (0 = unbounded)
     try:
-        ident = producer.identity(Path(path))
-        rec.content_id, rec.content_sha256 = ident.id, ident.sha256
-        if f"{rec.path}\0{ident.id}" in producer.done:
-            rec.skipped = True
-            buf.packet.files.append(rec)
-            return
-        fu = producer.read_units(Path(path), producer.spec, {**producer.spec.unit_options, **dict(producer.options)})
-        rec.meta_json = json.dumps(safe_meta(fu.meta, producer.meta_keys), sort_keys=True, default=str,
-                                   separators=(",", ":"))  # fmt: skip
-        rec.frame, rec.artifacts = fu.frame, list(fu.artifacts)
-        producer.spec.check_scope(fu.meta, path)  # before any unit is taken (and preprocessed)
-        buf.packet.starts[rec.path] = {"content_id": rec.content_id, "frame": fu.frame}
+        with _deadline(left, time_limit):
+            confine(Path(path), producer.roots)
+            ident = producer.identity(Path(path))
+            rec.content_id, rec.content_sha256 = ident.id, ident.sha256
+            if f"{rec.path}\0{ident.id}" in producer.done:
+                rec.skipped = True
+                buf.packet.files.append(rec)
+                return
+            options = {**producer.spec.unit_options, **dict(producer.options)}
+            fu = producer.read_units(Path(path), producer.spec, options)
+            rec.meta_json = json.dumps(safe_meta(fu.meta, producer.meta_keys), sort_keys=True, default=str,
+                                       separators=(",", ":"))  # fmt: skip
+            rec.frame, rec.artifacts = fu.frame, list(fu.artifacts)
+            producer.spec.check_scope(fu.meta, path)  # before any unit is taken (and preprocessed)
+            buf.packet.starts[rec.path] = {"content_id": rec.content_id, "frame": fu.frame}
         units = iter(fu.units)
         busy += time.perf_counter() - t0
+        left = max(time_limit - busy, 1e-3) if time_limit > 0 else 0.0
         while True:
             t1 = time.perf_counter()
             try:
-                unit = next(units)
+                with _deadline(left, time_limit):
+                    unit = next(units)
             except StopIteration:
                 busy += time.perf_counter() - t1
                 break
             record, image = _unit(producer, rec.path, unit)
             rec.n_units += 1
             busy += time.perf_counter() - t1
+            left = max(time_limit - busy, 1e-3) if time_limit > 0 else 0.0
             full = buf.add_unit(record, image)
             if full is not None:
                 yield full
@@ -165,6 +210,19 @@ def _one_file(producer: Producer, path: str, buf: _Buffer) -> Iterator[Packet]:
         busy = time.perf_counter() - t0
     rec.read_ms = busy * 1000.0
     buf.packet.files.append(rec)
+
+
+def confine(path: Path, roots: Sequence[str]) -> None:
+    """Refuse an input that resolves (through symlinks or ``..``) outside every root the user named: a link in a
+    shared folder or a manifest line must not make the batch read, hash and record another folder's files."""
+    if not roots:
+        return
+    real = os.path.realpath(path)
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise InputOutsideRoot(
+            f"{path.name}: resolves outside the input root (a symlink or manifest path leading elsewhere); it was not "
+            f"read. Copy the file under the input folder, or name its folder with --allow-root DIR"
+        )
 
 
 def _unit(producer: Producer, file: str, unit: Unit | UnitFailure) -> tuple[UnitRecord, torch.Tensor | None]:

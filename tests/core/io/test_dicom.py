@@ -255,6 +255,28 @@ def test_ages_over_89_are_aggregated(tmp_path: Path) -> None:
     assert meta["patient_age"] == "090Y+" and meta["patient_age_years"] == 90.0
 
 
+@pytest.mark.parametrize(
+    ("stored", "kept", "years"),
+    [
+        ("94 years, Doe^John", None, None),  # free text: never copied, whatever it says
+        ("95", None, None),  # malformed (no unit) and >= 90: not copied verbatim
+        ("0097Y", None, None),  # too many digits for a DICOM age string
+        ("97y", "090Y+", 90.0),  # a lower-case unit is still an age; >= 90 aggregated
+        ("45Y", "045Y", 45.0),  # canonical form
+        ("006M", "006M", 0.5),
+    ],
+)
+def test_patient_age_is_normalised_or_dropped(
+    tmp_path: Path, stored: str, kept: str | None, years: float | None
+) -> None:
+    ds = pydicom.dcmread(_find("RG1_UNCI.dcm"))
+    ds.PatientAge = stored
+    ds.save_as(tmp_path / "age.dcm")
+    meta = read_dicom(tmp_path / "age.dcm").meta
+    assert meta["patient_age"] == kept
+    assert meta["patient_age_years"] == (pytest.approx(years) if years is not None else None)
+
+
 def test_corrupt_geometry_value_is_named_not_defaulted() -> None:
     path = _find("badVR.dcm")  # (0028,0008) Number of Frames holds the text '1A'
     with pytest.raises(UnsupportedInputError) as err:

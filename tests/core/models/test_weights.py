@@ -174,6 +174,7 @@ def test_open_clip_model_folder_of_the_old_layout_still_loads(tmp_path: Path) ->
     sd = {k.replace("backbone.visual.", "backbone.clip.visual.", 1): v for k, v in model.state_dict().items()}
     sd["backbone.clip.token_embedding.weight"] = torch.zeros(8, 4)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "weights.safetensors"))
+    WeightSpec.load(folder / "weight_spec.json").replace(weights_sha256=None).save(folder / "weight_spec.json")  # old
     loaded, _ = load_model_dir(folder)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.embed(x), model.embed(x))

@@ -72,7 +72,7 @@ def test_fifos_devices_and_dangling_links_are_failed_rows_not_hangs(tmp_path: Pa
                            track=False, num_workers=0))  # fmt: skip
     rows = pd.read_parquet(tmp_path / "p.parquet").set_index("path").status
     assert (s.rows_ok, s.rows_failed) == (1, 3) and rows["film.png"] == "ok"
-    assert "is not a regular file" in rows["pipe.png"] and "is not a regular file" in rows["zero.dcm"]
+    assert "is not a regular file" in rows["pipe.png"] and "resolves outside the input root" in rows["zero.dcm"]
     assert "does not exist" in rows["gone.png"]
 
 

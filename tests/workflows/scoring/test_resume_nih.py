@@ -13,13 +13,15 @@ import pytest
 
 pytestmark = pytest.mark.realdata
 N_FILMS = 621
+#: The films are symlinked into a temporary folder: their real folder is named as an allowed root
+NIH_IMAGES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cxr" / "nih14" / "images"
 
 
 def _cmd(inputs: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "loupe.workflows.cli", "score", "cxr", "--input", str(inputs),
         "--model", f"local-dir:{model_dir}", "--out", str(out), "--no-track", "--batch-size", "16",
-        "--num-workers", "1", *extra,
+        "--num-workers", "1", "--allow-root", str(NIH_IMAGES), *extra,
     ]  # fmt: skip
 
 

@@ -212,3 +212,30 @@ def test_attention_mil_aggregation_scores_the_file_from_all_its_units(tmp_path: 
         assert [files.loc[name, "score_Lesion"], files.loc[name, "score_Artefact"]] == pytest.approx(expected)
         assert mine.attention.tolist() == pytest.approx(bag["attention"].tolist())
     assert len(units[units.path == "img_badtile.png"].query("status == 'ok'")) == 3  # the failed tile is left out
+
+
+def test_a_reader_that_dies_or_hangs_is_a_failed_row_and_the_batch_goes_on(
+    tmp_path: Path, mask_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed by a signal half-way through a file's tiles (a decoder crash) and one stuck in a loop (past
+    the read deadline): each file is a failed row naming why, every other file is scored once, with all its tiles."""
+    from loupe.workflows.scoring import backends
+
+    monkeypatch.setattr(backends, "READ_SECONDS", 3.0)
+    root = _inputs(tmp_path / "in", n=12)
+    rng = np.random.default_rng(2)
+    for name in ("img_005_segfault.png", "img_009_spin.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 96), dtype=np.uint8)).save(root / name)
+    out = tmp_path / "p.parquet"
+    t0 = time.monotonic()
+    s = score(ScoreOptions(domain=tu.NAME, input=root, model=f"local-dir:{mask_model}", out=out, track=False,
+                           batch_size=3, num_workers=2))  # fmt: skip
+    assert time.monotonic() - t0 < 60
+    files, units = pd.read_parquet(out).set_index("path"), pd.read_parquet(units_path(out))
+    assert len(files) == 15 and not files.index.duplicated().any()
+    assert "reader died while reading this file (killed by signal" in files.loc["img_005_segfault.png", "status"]
+    assert "reading took longer than 3 s" in files.loc["img_009_spin.png", "status"]
+    assert (s.rows_ok, s.rows_failed) == (12, 3)  # 12 good images; broken.png, the crash, the loop
+    ok = files[files.status == "ok"].index
+    assert not units.duplicated(["path", "unit"]).any()  # files half-read when the worker died are not doubled
+    assert units[units.path.isin(ok)].groupby("path").size().eq(4).all() and units.path.isin(ok).sum() == 48
