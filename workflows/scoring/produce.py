@@ -220,8 +220,8 @@ def confine(path: Path, roots: Sequence[str]) -> None:
     real = os.path.realpath(path)
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
         raise InputOutsideRoot(
-            f"{path.name}: resolves outside the input root (a symlink or manifest path leading elsewhere); it was not "
-            f"read. Copy the file under the input folder, or name its folder with --allow-root DIR"
+            "resolves outside the input root (a symlink or manifest path leading elsewhere); it was not "
+            "read. Copy the file under the input folder, or name its folder with --allow-root DIR"
         )
 
 
