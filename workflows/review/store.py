@@ -108,8 +108,14 @@ class ReviewStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+        existed = self.path.is_file() and self.path.stat().st_size > 0
+        try:
+            with self._connect() as con:
+                if existed:
+                    _check_intact(con, self.path)
+                con.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, str(exc)) from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -212,6 +218,21 @@ class ReviewStore:
             elif a.action == "release" and held.get(a.content_id) == a.reviewer:
                 del held[a.content_id]
         return held
+
+
+def _check_intact(con: sqlite3.Connection, path: Path) -> None:
+    """Refuse a store SQLite finds damaged: decisions are records, never silently rebuilt or dropped."""
+    problems = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise _damaged(path, "; ".join(problems[:3]))
+
+
+def _damaged(path: Path, why: str) -> ReviewStoreError:
+    return ReviewStoreError(
+        f"the review store {path} is damaged ({why}); it was left as it is. Move it aside, recover what SQLite can "
+        f"read with `sqlite3 DAMAGED .recover | sqlite3 {path}` (DAMAGED: where you moved it), or restore {path.name} "
+        f"from a backup"
+    )
 
 
 def reviewed_value(action: str, model_value: str, value: str | None = None) -> str:
