@@ -76,13 +76,14 @@ def test_diverged_replicas_are_refused_by_name(tmp_path: Path) -> None:
     script = tmp_path / "diverge.py"
     script.write_text(
         "import torch\n"
-        "from loupe.core.distributed import init_from_env, replica_report, DistributedError\n"
+        "from loupe.core.distributed import cleanup, init_from_env, replica_report, DistributedError\n"
         "info = init_from_env(torch.device('cpu'))\n"
         "model = torch.nn.Linear(3, 2)\n"
         "torch.nn.init.zeros_(model.weight)\n"
         "if info.rank == 1:\n    model.weight.data += 1e-3\n"
         "try:\n    replica_report(model, 5, 40, info)\n"
         "except DistributedError as exc:\n    print('REFUSED', info.rank, exc)\n"
+        "cleanup(info)\n"  # leave the group as the recipes do: a rank exiting inside gloo's teardown can SIGABRT
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
