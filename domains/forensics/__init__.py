@@ -25,4 +25,4 @@ register_domain(
 )
 
 # recipes register themselves on import
-from loupe.domains.forensics import detect, localize  # noqa: E402, F401
+from loupe.domains.forensics import detect, localize, video_eval  # noqa: E402, F401

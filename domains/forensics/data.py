@@ -87,7 +87,8 @@ class ForensicsData:
         return Path(self.image_root) if self.image_root else Path(self.manifest).parent
 
 
-def _label_key(v: Any) -> str:
+def label_key(v: Any) -> str:
+    """A label value as ``fake_values`` / ``real_values`` are matched: 1.0 → ``1``, ' Fake' → ``fake``."""
     try:
         f = float(v)
         return str(int(f)) if f.is_integer() else str(f)
@@ -110,7 +111,7 @@ def load_forensics_manifest(data: ForensicsData, seed: int = 0) -> pd.DataFrame:
                           " (data.path_column / data.label_column name others)")  # fmt: skip
     renames = {data.path_column: "path", data.group_column: "group", data.generator_column: "generator"}
     frame = frame.rename(columns={k: v for k, v in renames.items() if k in frame.columns and k != v})
-    keys = frame[data.label_column].map(_label_key)
+    keys = frame[data.label_column].map(label_key)
     fake, real = {v.lower() for v in data.fake_values}, {v.lower() for v in data.real_values}
     unknown = sorted(set(keys) - fake - real)
     if unknown:

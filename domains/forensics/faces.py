@@ -1,10 +1,18 @@
-"""Faces in a picture or a video frame: OpenCV's bundled Haar frontal-face cascade, offline and deterministic.
+"""Faces in a picture or a video frame: OpenCV's bundled Haar cascades, offline and deterministic.
 
 `detect_faces` finds every frontal face of at least ``min_face`` pixels, largest first, each with the cascade's
 level weight as a score; `square_crop` turns a face box into the square the model sees, with a margin around the
-face, kept inside the frame. Faces are **not aligned** (no eye-based rotation): a crop is an axis-aligned square,
-so a tilted head reaches the model tilted. The Haar cascade misses profiles and strongly rotated faces; a frame
-where it finds none is reported as such by the caller, never silently dropped.
+face, kept inside the frame. The Haar cascade misses profiles and strongly rotated faces (beyond about 15 degrees
+in the picture plane); a frame where it finds none is reported as such by the caller, never silently dropped.
+
+Alignment (optional, off by default): `find_eyes` looks for both eyes in the upper part of a face box with the
+bundled eye cascades (``haarcascade_eye.xml``, then ``haarcascade_eye_tree_eyeglasses.xml``) and gives the tilt of
+the line between them; `rotated_crop` cuts the same square with its content rotated about the square's centre, so
+that the eyes are level. Rotating resamples the pixels (bicubic), which smears the traces a detector reads: that is
+why it is an option. Measured on the first 150 real photographs of ``real_vs_stylegan2`` (114 with a face found):
+both eyes found in 82 (72 %; glasses, closed eyes and shadows defeat the cascade; a face without them is cropped
+unrotated); those faces rotated by +-10 degrees: the tilt recovered within 0.5 degrees (median), 1.7 (90 %). The
+first 150 StyleGAN2 faces, FFHQ-aligned by construction: eyes found in 131 of 149, median tilt 0.0 degrees.
 
 Coordinates are ``(x, y, width, height)`` in the pixels of the image passed in (a video frame's pixels).
 """
@@ -12,7 +20,8 @@ Coordinates are ``(x, y, width, height)`` in the pixels of the image passed in (
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,14 +39,40 @@ _WINDOW = 24
 _SCALE_FACTOR = 1.1
 _MIN_NEIGHBOURS = 5
 
+EYE_CASCADES = ("haarcascade_eye.xml", "haarcascade_eye_tree_eyeglasses.xml")
+#: Eyes are searched in the face box resized to this width (the eye cascade's 20 px window then fits an eye of a
+#: face of any size), in the upper `_EYE_BAND` of the box.
+EYE_SIDE = 200
+_EYE_BAND = 0.6
+#: An eye pair tilted more than this is taken for a false pair (the face detector finds no face tilted that far).
+MAX_TILT_DEG = 30.0
+#: A tilt below this is left unrotated (no resampling for a rotation nobody would see).
+MIN_ROTATION_DEG = 1.0
+
+
+@dataclass(frozen=True)
+class Eyes:
+    """Eye centres ``(x, y)`` in image pixels: ``left`` the one on the image's left (the person's right eye)."""
+
+    left: tuple[float, float]
+    right: tuple[float, float]
+
+    @property
+    def angle_deg(self) -> float:
+        """Tilt of the eye line from horizontal in degrees, positive when the image-right eye is lower (the head
+        turned clockwise on screen); rotating the picture counter-clockwise by this levels the eyes."""
+        return math.degrees(math.atan2(self.right[1] - self.left[1], self.right[0] - self.left[0]))
+
 
 @dataclass(frozen=True)
 class Face:
     """A face box in image pixels; ``score`` the cascade's level weight for it (uncalibrated, not a probability:
-    higher means the last stage accepted it more surely; true faces mostly score 3-12, doubtful boxes near 0)."""
+    higher means the last stage accepted it more surely; true faces mostly score 3-12, doubtful boxes near 0);
+    ``eyes`` where `with_eyes` found them (None: not searched, or not found)."""
 
     box: Region
     score: float
+    eyes: Eyes | None = None
 
     @property
     def area(self) -> int:
@@ -66,16 +101,21 @@ class FaceConfig:
         return out
 
 
-@functools.lru_cache(maxsize=1)
 def cascade() -> Any:
     """The bundled frontal-face cascade, loaded once per process (reader workers each load their own)."""
+    return load_cascade(CASCADE)
+
+
+@functools.lru_cache(maxsize=4)
+def load_cascade(name: str) -> Any:
+    """One of OpenCV's bundled Haar cascades (``cv2.data.haarcascades``) by file name, loaded once per process."""
     import cv2
 
-    path = f"{cv2.data.haarcascades}{CASCADE}"
+    path = f"{cv2.data.haarcascades}{name}"
     clf = cv2.CascadeClassifier(path)
     if clf.empty():
         raise LoupeError(
-            f"OpenCV's Haar cascade {CASCADE} could not be loaded from {path}; reinstall opencv-python-headless 4.x "
+            f"OpenCV's Haar cascade {name} could not be loaded from {path}; reinstall opencv-python-headless 4.x "
             f"(`pip install 'opencv-python-headless>=4.9,<5'`: the 5.x wheels ship no cascades)"
         )
     return clf
@@ -150,3 +190,79 @@ def _clip(box: Region, width: int, height: int) -> Region:
     x, y, w, h = box
     x0, y0 = max(0, x), max(0, y)
     return x0, y0, max(0, min(width, x + w) - x0), max(0, min(height, y + h) - y0)
+
+
+# --------------------------------------------------------------------------------------------------- alignment
+def with_eyes(image: np.ndarray, faces: list[Face], bit_depth: int | None = None) -> list[Face]:
+    """``faces`` with their `Face.eyes` filled by `find_eyes` (None where both eyes were not found)."""
+    return [replace(f, eyes=find_eyes(image, f.box, bit_depth)) for f in faces]
+
+
+def find_eyes(image: np.ndarray, box: Region, bit_depth: int | None = None) -> Eyes | None:
+    """Both eyes of the face in ``box`` of ``image`` (see `to_gray8` for what it may be), or None.
+
+    The box is resized to `EYE_SIDE` pixels wide and its upper `_EYE_BAND` searched with each of `EYE_CASCADES`
+    until one gives a plausible pair: one eye on each side, 0.2-0.7 of the face width apart, of similar size, tilted
+    at most `MAX_TILT_DEG`; of several pairs, the one nearest where a frontal face box has its eyes (centred,
+    0.4 of the height down, 0.4 of the width apart)."""
+    import cv2
+
+    x, y, w, h = box
+    if min(w, h) < 8:
+        return None
+    gray = to_gray8(crop(image, box), bit_depth)
+    s = EYE_SIDE / w
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    face = cv2.equalizeHist(cv2.resize(gray, (EYE_SIDE, max(1, round(h * s))), interpolation=interp))
+    band = face[: max(1, int(_EYE_BAND * face.shape[0]))]
+    lo, hi = int(0.1 * EYE_SIDE), int(0.4 * EYE_SIDE)
+    for name in EYE_CASCADES:
+        found = load_cascade(name).detectMultiScale(band, 1.05, 3, minSize=(lo, lo), maxSize=(hi, hi))
+        pair = _best_pair(np.asarray(found).reshape(-1, 4), face.shape[0])
+        if pair is not None:
+            (lx, ly), (rx, ry) = pair
+            return Eyes((x + lx / s, y + ly / s), (x + rx / s, y + ry / s))
+    return None
+
+
+def _best_pair(cands: np.ndarray, height: int) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The most plausible eye pair among eye boxes ``cands`` ``[N, 4]`` in a face `EYE_SIDE` wide, ``height``
+    high (see `find_eyes`); centres in those pixels."""
+    side = float(EYE_SIDE)
+    best, best_cost = None, math.inf
+    for a in cands:
+        for b in cands:
+            (ax, ay), (bx, by) = (a[0] + a[2] / 2, a[1] + a[3] / 2), (b[0] + b[2] / 2, b[1] + b[3] / 2)
+            dx, dy = bx - ax, by - ay
+            if not 0.2 * side <= dx <= 0.7 * side or max(a[2], b[2]) > 1.6 * min(a[2], b[2]):
+                continue
+            if abs(math.degrees(math.atan2(dy, dx))) > MAX_TILT_DEG:
+                continue
+            cost = (abs((ax + bx) / 2 - side / 2) + abs((ay + by) / 2 - 0.4 * height) + abs(dx - 0.4 * side)) / side
+            if cost < best_cost:
+                best, best_cost = ((float(ax), float(ay)), (float(bx), float(by))), cost
+    return best
+
+
+def rotation_for(eyes: Eyes | None) -> float:
+    """Degrees to rotate a face counter-clockwise so its eyes are level: the eye tilt, 0 below
+    `MIN_ROTATION_DEG` or without eyes."""
+    if eyes is None or abs(eyes.angle_deg) < MIN_ROTATION_DEG:
+        return 0.0
+    return round(eyes.angle_deg, 2)
+
+
+def rotated_crop(image: np.ndarray, region: Region, angle_deg: float) -> np.ndarray:
+    """The ``region`` of ``image`` (``[H, W]`` / ``[H, W, C]``, C <= 4) with its content rotated counter-clockwise
+    by ``angle_deg`` about the region's centre (bicubic; pixels from outside the image mirrored in): same size,
+    same place. ``angle_deg`` 0 gives exactly `crop`."""
+    import cv2
+
+    if angle_deg == 0:
+        return crop(image, region)
+    x, y, w, h = region
+    m = cv2.getRotationMatrix2D((x + (w - 1) / 2.0, y + (h - 1) / 2.0), float(angle_deg), 1.0)  # [2, 3]
+    m[:, 2] -= (x, y)  # output pixel (0, 0) is the region's top left
+    src = np.ascontiguousarray(image)
+    out = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+    return out.reshape(h, w, *src.shape[2:])  # OpenCV drops a channel axis of 1

@@ -12,9 +12,14 @@
   middle sampled frame for whole frames), for the reviewer.
 
 A unit's ``region`` is what the model sees: the crop (or picture) itself for ``squash`` specs, its centre part for
-cropping specs (`loupe.core.units.input_region`), so unit maps land where they belong. Faces are not aligned (see
-`faces`). Faces are found before any unit is handed out, so the file's metadata can say whether there is one (a
-model's scope may require it); crops are then re-read frame by frame, so memory stays at one frame per clip.
+cropping specs (`loupe.core.units.input_region`), so unit maps land where they belong. With ``align=true`` each
+face's eyes are searched (`faces.find_eyes`) and its crop rotated so they are level (`faces.rotated_crop`): the
+unit's ``region`` stays the same square in the frame, its pixels (and any map the model makes of them) are rotated
+counter-clockwise by the unit's ``rotation_deg`` about the square's centre; the unit's metadata records
+``eyes_found``, ``eye_angle_deg`` and ``rotation_deg`` (0 when no eyes were found: the crop is then unaligned), and
+the file's ``faces_with_eyes`` counts the faces whose eyes were found. Faces (and eyes) are found before any unit
+is handed out, so the file's metadata can say whether there is one (a model's scope may require it); crops are then
+re-read frame by frame, so memory stays at one frame per clip.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from loupe.core.io import read_any, sniff_bytes
 from loupe.core.io.common import input_error, unreadable
 from loupe.core.models.spec import WeightSpec
 from loupe.core.units import FileArtifact, FileUnits, Region, Unit, UnitFailure, UnitInfo, input_region
-from loupe.domains.forensics.faces import Face, FaceConfig, crop, detect_faces, square_crop
+from loupe.domains.forensics.faces import (
+    Face,
+    FaceConfig,
+    detect_faces,
+    rotated_crop,
+    rotation_for,
+    square_crop,
+    with_eyes,
+)
 from loupe.domains.forensics.video import (
     MAX_SAMPLES,
     VIDEO_SUFFIXES,
@@ -52,7 +65,7 @@ THUMB_SIDE = 1024
 #: Metadata keys this reader adds (all non-identifying: sizes, rates, counts; no path, no container tags).
 META_KEYS = ("container", "codec", "width", "height", "fps", "frame_count", "duration_s", "every_s",
              "frames_sampled", "frames_decoded", "frames_with_face", "faces_found", "face_found",
-             "units_from")  # fmt: skip
+             "units_from", "align", "faces_with_eyes")  # fmt: skip
 _FACE_FIX = (
     "check that it shows a frontal face (the Haar detector misses profiles and strongly turned heads), lower "
     "--option min_face=PIXELS for small faces, or score whole {what} with --option faces=false"
@@ -66,7 +79,8 @@ class ForensicsOptions:
     ``frames``: frames sampled per clip, evenly spread (1..`MAX_SAMPLES`); ``every_s``: one frame every so many
     seconds instead; ``max_faces``: the largest N faces per frame or picture, 0 = all; ``margin``: fraction of a
     face box added on each side of its crop; ``min_face``: smallest face side in pixels; ``faces``: crop faces
-    (default: yes for videos, no for pictures unless the model's scope needs a face)."""
+    (default: yes for videos, no for pictures unless the model's scope needs a face); ``align``: rotate each face
+    crop so its eyes are level (off by default: rotating resamples the pixels; see `faces`)."""
 
     frames: int = 8
     every_s: float | None = None
@@ -74,6 +88,7 @@ class ForensicsOptions:
     margin: float = 0.2
     min_face: int = 40
     faces: bool | None = None
+    align: bool = False
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> ForensicsOptions:
@@ -104,6 +119,8 @@ class ForensicsOptions:
 def _type_problem(key: str, value: Any) -> str | None:
     if key == "faces":
         ok, want = value is None or isinstance(value, bool), "true or false"
+    elif key == "align":
+        ok, want = isinstance(value, bool), "true or false"
     elif key in ("frames", "max_faces", "min_face"):
         ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
     elif key == "every_s":
@@ -162,6 +179,9 @@ def image_units(path: Path, spec: WeightSpec, cfg: ForensicsOptions, faces: bool
         raise input_error(path, f"{NO_FACE} in the picture (faces of at least {cfg.min_face} px)",
                           _FACE_FIX.format(what="pictures"))  # fmt: skip
     meta |= {"units_from": "faces", "faces_found": len(found), "face_found": True}
+    if cfg.align:
+        found = with_eyes(array, found, bits)
+        meta |= {"align": True, "faces_with_eyes": sum(f.eyes is not None for f in found)}
     return FileUnits(meta, {"width": w, "height": h}, _face_units(array, bits, spec, cfg, found, 0, None, None))
 
 
@@ -188,10 +208,15 @@ def _face_units(
     h, w = frame.shape[:2]
     for rank, face in enumerate(found):
         square = square_crop(face.box, w, h, cfg.margin)
+        meta: dict[str, Any] = {"face_score": face.score, "face_rank": rank, "crop": list(square)}
+        turn = 0.0
+        if cfg.align:
+            turn = rotation_for(face.eyes)
+            meta |= {"eyes_found": face.eyes is not None, "rotation_deg": turn,
+                     "eye_angle_deg": round(face.eyes.angle_deg, 2) if face.eyes else None}  # fmt: skip
         info = UnitInfo(index=first + rank, kind="face", region=_seen(spec, square), frame_index=frame_index,
-                        time_s=time_s, box=face.box,
-                        meta={"face_score": face.score, "face_rank": rank, "crop": list(square)})  # fmt: skip
-        yield Unit(prep(crop(frame, square), bits), info)
+                        time_s=time_s, box=face.box, meta=meta)  # fmt: skip
+        yield Unit(prep(rotated_crop(frame, square, turn), bits), info)
 
 
 def _seen(spec: WeightSpec, square: Region) -> Region:
@@ -226,6 +251,8 @@ def video_units(path: Path, spec: WeightSpec, cfg: ForensicsOptions, faces: bool
                           f"{cfg.min_face} px)", _FACE_FIX.format(what="frames"))  # fmt: skip
     meta |= {"units_from": "faces", "frames_decoded": len(decoded), "frames_with_face": len(with_face),
              "faces_found": sum(len(f) for f in with_face), "face_found": True}  # fmt: skip
+    if cfg.align:
+        meta |= {"align": True, "faces_with_eyes": sum(f.eyes is not None for fs in with_face for f in fs)}
     return FileUnits(meta, frame, _video_face_units(path, spec, info, cfg, plan), [thumb] if thumb else [])
 
 
@@ -242,6 +269,8 @@ def _find_faces(
                 plan.append((fi, frame))
                 continue
             found = detect_faces(frame, cfg.face)
+            if cfg.align:  # eyes found now, on the frame in hand, so the file's metadata can count them
+                found = with_eyes(frame, found)
             plan.append((fi, found))
             if found and (best is None or found[0].area > best[0]):
                 best = (found[0].area, _thumbnail(frame, info, fi))

@@ -222,6 +222,49 @@ def test_scoring_writes_a_mask_artifact_per_picture_on_its_frame(trained, square
     assert got[truth].mean() > got[~truth].mean() + 0.3
 
 
+def test_review_case_overlays_the_scored_mask_where_it_is_above_threshold(trained, squares: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """`loupe score forensics` with the localiser → the forensics review case of each picture (the registered
+    builder, `review.forensics_case`) carries the mask PNG as a ``mask`` overlay with the model's threshold, and the
+    dashboard's renderer (`loupe.apps.render.compose`, no browser) colours exactly the pixels at or above it: on the
+    tampered picture, its square."""
+    from loupe.apps.render import View, compose
+    from loupe.core.review import load_overlay, render_layer
+    from loupe.workflows.review import review_cases
+    from loupe.workflows.scoring import ScoreOptions, score
+
+    result, _, _ = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("p00.png", "p60.png"):  # tampered, authentic
+        Image.fromarray(np.repeat(np.asarray(Image.open(squares / name)), 2, axis=1)).save(folder / name)
+    out = tmp_path / "preds.parquet"
+    score(ScoreOptions(domain="forensics", input=folder, model=f"local-dir:{result['model_dir']}", out=out,
+                       track=False, num_workers=0))  # fmt: skip
+    _, spec = load_model_dir(result["model_dir"])
+    cases = {c.path: c for c in review_cases(out)}
+    assert set(cases) == {"p00.png", "p60.png"}
+    changed = {}
+    for name, case in cases.items():
+        assert case.domain == "forensics" and case.status == "ok"
+        (mask,) = [o for o in case.overlays if o.kind == "mask"]
+        assert Path(mask.path).is_file() and mask.path.endswith("-mask.png") and mask.visible
+        assert mask.threshold == spec.mask_threshold and mask.frame["space"] == "file"
+        layer = case.layers[0]
+        assert layer.source == str(folder / name) and layer.frame == {"width": 96, "height": 48}
+        base, values = render_layer(layer), load_overlay(mask)
+        assert base.shape[:2] == values.shape == (48, 96)  # the mask on the picture's own frame
+        on = compose(base, layer, [(mask, values)], View(overlays=("mask",), opacity=0.5))
+        off = compose(base, layer, [(mask, values)], View(overlays=()))
+        changed[name] = (on != off).any(-1)
+        above = values >= mask.threshold
+        assert (changed[name] == above).mean() > 0.99  # coloured where the mask is at or above its threshold
+    truth = np.repeat(np.asarray(Image.open(squares / "m00.png")) > 127, 2, axis=1)
+    hit = changed["p00.png"]
+    assert hit[truth].mean() > 0.5 and hit[truth].mean() > hit[~truth].mean() + 0.4  # the pasted square
+    assert changed["p60.png"].mean() < hit.mean()  # the authentic picture is marked less
+
+
 # ------------------------------------------------------------------------------------------------- data layouts
 def test_manifest_labels_splits_and_refusals(squares: Path, tmp_path: Path) -> None:
     frame = masks.read_mask_manifest(squares / "manifest.csv")

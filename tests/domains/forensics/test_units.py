@@ -1,5 +1,6 @@
 """The forensics unit reader: pictures whole or by face, clips by face crops (frames without a face kept as
-excluded units) or by whole frames, options checked, metadata non-identifying."""
+excluded units) or by whole frames, face alignment (recorded per unit), options checked, metadata
+non-identifying."""
 
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ def test_options_parsed_and_checked() -> None:
     cfg = ForensicsOptions.from_options({"frames": 4, "margin": 0.3, "faces": False, "every_s": 2})
     assert (cfg.frames, cfg.margin, cfg.faces, cfg.every_s) == (4, 0.3, False, 2)
     assert cfg.face.margin == 0.3 and cfg.face.min_face == 40
-    with pytest.raises(ConfigError, match=r"unknown forensics unit option\(s\) \['frame'\]; known: \['every_s', "
-                       r"'faces', 'frames', 'margin', 'max_faces', 'min_face'\]"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"unknown forensics unit option\(s\) \['frame'\]; known: \['align', "
+                       r"'every_s', 'faces', 'frames', 'margin', 'max_faces', 'min_face'\]"):  # fmt: skip
         ForensicsOptions.from_options({"frame": 4})
     with pytest.raises(ConfigError, match=r"faces must be true or false, got 'yes'"):
         ForensicsOptions.from_options({"faces": "yes"})
+    with pytest.raises(ConfigError, match=r"align must be true or false, got 1"):
+        ForensicsOptions.from_options({"align": 1})
+    assert ForensicsOptions().align is False and ForensicsOptions.from_options({"align": True}).align
     with pytest.raises(ConfigError, match=r"frames must be a whole number, got 2.5"):
         ForensicsOptions.from_options({"frames": 2.5})
     with pytest.raises(ConfigError) as err:
@@ -183,3 +187,76 @@ def test_a_frame_that_does_not_decode_is_a_failed_unit(mixed_clip: Path, spec, m
     monkeypatch.setattr(mod, "read_frames", lambda path, indices, **kw: ((i, "damaged packet") for i in indices))
     with pytest.raises(UnsupportedInputError, match=r"mixed.avi: none of the 4 sampled frames decodes \(damaged"):
         read_units(mixed_clip, spec, {"frames": 4})
+
+
+# ---------------------------------------------------------------------------------------------------- alignment
+def _rotated(a: np.ndarray, degrees: float, size: tuple[int, int]) -> np.ndarray:
+    """``a`` rotated counter-clockwise by ``degrees`` and placed in the middle of a grey ``size`` (H, W) frame."""
+    import cv2
+
+    h, w = a.shape[:2]
+    turned = cv2.warpAffine(a, cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0), (w, h),
+                            flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)  # fmt: skip
+    frame = np.full((*size, 3), 60, np.uint8)
+    y, x = (size[0] - h) // 2, (size[1] - w) // 2
+    frame[y : y + h, x : x + w] = turned
+    return frame
+
+
+@pytest.mark.realdata
+def test_align_off_by_default_records_nothing(face_file: Path, spec) -> None:
+    fu = read_units(face_file, spec, {"faces": True})
+    (face,) = fu.units
+    assert {"align", "faces_with_eyes"}.isdisjoint(fu.meta)
+    assert {"eyes_found", "eye_angle_deg", "rotation_deg"}.isdisjoint(face.info.meta)
+
+
+@pytest.mark.realdata
+def test_aligned_face_picture_is_the_rotated_crop_and_says_so(face_file: Path, face_rgb: np.ndarray, spec) -> None:
+    from loupe.domains.forensics.faces import rotated_crop
+
+    fu = read_units(face_file, spec, {"faces": True, "align": True})
+    (face,) = fu.units
+    m = face.info.meta
+    assert fu.meta["align"] is True and fu.meta["faces_with_eyes"] == 1
+    assert m["eyes_found"] is True and m["eye_angle_deg"] == pytest.approx(2.7, abs=0.5)  # real_1's own tilt
+    assert m["rotation_deg"] == m["eye_angle_deg"] and face.info.region == tuple(m["crop"])  # same square
+    torch.testing.assert_close(face.image, ModelInput(spec)(rotated_crop(face_rgb, tuple(m["crop"]),
+                                                                         m["rotation_deg"])))  # fmt: skip
+    plain = next(iter(read_units(face_file, spec, {"faces": True}).units))
+    assert not torch.equal(face.image, plain.image)
+    assert safe_meta(fu.meta, META_KEYS)["faces_with_eyes"] == 1
+
+
+@pytest.mark.realdata
+def test_eyes_not_found_leaves_the_crop_unaligned_and_recorded(tmp_path: Path, face_rgb: np.ndarray, spec) -> None:
+    from loupe.domains.forensics.faces import detect_faces, find_eyes
+
+    (found,) = detect_faces(face_rgb)
+    eyes = find_eyes(face_rgb, found.box)
+    covered = face_rgb.copy()
+    for x, y in (eyes.left, eyes.right):
+        covered[int(y) - 18 : int(y) + 18, int(x) - 28 : int(x) + 28] = 20  # dark glasses: the face stays findable
+    p = tmp_path / "glasses.png"
+    Image.fromarray(covered).save(p)
+    fu = read_units(p, spec, {"faces": True, "align": True})
+    (face,) = fu.units
+    assert fu.meta["faces_with_eyes"] == 0
+    assert face.info.meta | {"crop": None} == {"face_score": face.info.meta["face_score"], "face_rank": 0,
+                                               "crop": None, "eyes_found": False, "rotation_deg": 0.0,
+                                               "eye_angle_deg": None}  # fmt: skip
+    x, y, w, h = face.info.meta["crop"]
+    torch.testing.assert_close(face.image, ModelInput(spec)(covered[y : y + h, x : x + w]))
+
+
+@pytest.mark.realdata
+def test_a_tilted_face_in_a_clip_is_levelled(tmp_path: Path, face_rgb: np.ndarray, spec, clip_writer) -> None:
+    """The face turned 10 degrees counter-clockwise in every frame: each face unit measures the eyes' tilt as the
+    face's own (+2.7) minus 10 and is rotated back by it."""
+    frames = [_rotated(face_rgb, 10.0, (360, 480))] * 10
+    clip = clip_writer(tmp_path / "tilted.avi", frames, fps=FPS)
+    fu = read_units(clip, spec, {"frames": 3, "align": True})
+    faces = [u for u in fu.units if isinstance(u, Unit)]
+    assert len(faces) == 3 and fu.meta["faces_with_eyes"] == 3
+    for u in faces:
+        assert u.info.meta["eyes_found"] and u.info.meta["rotation_deg"] == pytest.approx(2.7 - 10.0, abs=2.0)
