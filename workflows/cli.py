@@ -377,6 +377,9 @@ def _mount_optional() -> None:
         except ImportError:
             continue
         app.add_typer(sub.app, name=name)
+    from loupe.workflows.deid_cli import command as deid_command
+
+    app.command("deid")(deid_command)
 
 
 _mount_optional()
