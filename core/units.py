@@ -103,15 +103,21 @@ def input_region(spec: WeightSpec, height: int, width: int) -> Region:
 
 def single_image_units(path: Path, spec: WeightSpec, options: dict[str, Any] | None = None) -> FileUnits:
     """The default unit reader: one unit, the whole image (first frame of a multi-frame DICOM), read by content
-    and preprocessed as the spec says when the unit is taken (after the caller has checked the model's scope on
+    (at a reduced resolution when the file has many more pixels than the model input) and preprocessed as the spec
+    says when the unit is taken (after the caller has checked the model's scope on
     ``meta``: an out-of-scope file is refused before any preprocessing)."""
-    from loupe.core.io import read_any
+    from loupe.core.io import DecodeTarget, read_any
 
-    img = read_any(path)
+    # decoded at no more resolution than the model input needs (JPEG 2000 levels, JPEG DCT scaling, averaging)
+    img = read_any(path, target=DecodeTarget.for_model(spec.input_size, spec.resize_mode))
     array = img.array
     if array.ndim >= 3 and img.meta.get("frames", 1) > 1:
         array = array[0]
     height, width = int(array.shape[0]), int(array.shape[1])
+    if img.meta.get("decode_scale", 1.0) != 1.0:  # the frame is the file's own pixels, not the reduced decode's
+        height, width = (int(v) for v in img.meta["original_size"][:2])
+        if img.meta.get("orientation_applied") and img.meta.get("exif_orientation") in (5, 6, 7, 8):
+            height, width = width, height
     info = UnitInfo(index=0, kind="image", region=input_region(spec, height, width))
     bits = img.meta.get("bits_stored") or img.meta.get("bit_depth")
     return FileUnits(meta=dict(img.meta), frame={"width": width, "height": height},

@@ -179,14 +179,16 @@ def throughput(
     num_workers: int | None = None,
     domain: str = "cxr",
     model: str | None = None,
+    sources: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """Inputs/s of the scoring path vs the bare forward, same model, batch size and process."""
+    """Inputs/s of the scoring path vs the bare forward, same model, batch size and process; ``sources``: the files
+    the ``n`` inputs cycle over (default: the domain's `domain_inputs`)."""
     from loupe.workflows.scoring import ScoreOptions, resolve_model, score
 
     with tempfile.TemporaryDirectory(prefix="loupe-bench-") as tmp:
         root = Path(tmp)
         ref = _model_ref(root, domain, model, arch, size)
-        inputs = input_folder(root / "in", domain_inputs(domain, root / "films"), n)
+        inputs = input_folder(root / "in", sources or domain_inputs(domain, root / "films"), n)
         rm = resolve_model(ref, domain, _registry(ref))
         x = torch.randn(batch_size, *rm.spec.input_size)
         with torch.inference_mode():

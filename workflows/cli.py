@@ -182,6 +182,20 @@ def evaluate_cmd(
     _run_recipe("evaluate", cfg, overrides or [], tracking_uri)
 
 
+def _path_key(key_file: Path | None) -> bytes:
+    """The key of `--pseudonymise-paths`, derived from the user's de-identification secret."""
+    import hashlib
+    import hmac
+
+    from loupe.workflows.deid import load_key
+
+    try:
+        secret = load_key(key_file)
+    except LoupeError as exc:
+        _fail(exc)
+    return hmac.new(secret, b"loupe-score/v1/path-key", hashlib.sha256).digest()
+
+
 @app.command("score")
 def score_cmd(
     domain: str = typer.Argument(..., help="Domain of the inputs (see `loupe models`), e.g. cxr."),
@@ -197,6 +211,12 @@ def score_cmd(
     num_workers: int | None = typer.Option(None, "--num-workers", min=0, help="Reader processes [min(4, cpus)]."),
     explain: bool = typer.Option(False, "--explain", help="Save Grad-CAM maps and pictures beside the table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    inference_mode: str | None = typer.Option(
+        None,
+        "--mode",
+        help="How the model runs: fp32, bf16, int8, ...+compile, ...+tome8 (token merging), or auto (fastest mode "
+        "within the model's accuracy tolerance, measured once on this machine) [the spec's inference.mode, else fp32].",
+    ),
     ray_actors: int = typer.Option(2, "--ray-actors", min=1, help="Ray backend: number of scoring actors."),
     ray_gpus: float = typer.Option(0.0, "--ray-gpus", min=0.0, help="Ray backend: GPUs per actor (0 = CPU actors)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray backend: cluster address (auto, ...)."),
@@ -210,6 +230,13 @@ def score_cmd(
     allow_root: list[Path] = typer.Option(
         None, "--allow-root", help="A folder besides --input's that inputs (links, manifest paths) may lead into."
     ),
+    pseudonymise_paths: bool = typer.Option(
+        False,
+        "--pseudonymise-paths",
+        help="Record keyed pseudonyms instead of file names (key: --key-file / "
+        "LOUPE_DEID_KEY, as for `loupe deid`); the dashboard then cannot open the source files.",
+    ),
+    key_file: Path | None = typer.Option(None, "--key-file", help="Secret key file for --pseudonymise-paths."),
 ) -> None:
     """Score every input under --input into one predictions row each (and unit rows where the domain has units).
     Exit 1 if any input failed."""
@@ -233,6 +260,7 @@ def score_cmd(
         out=out,
         mode="resume" if resume else "overwrite" if overwrite else "new",
         allow_roots=tuple(allow_root or ()),
+        path_key=_path_key(key_file) if pseudonymise_paths else None,
         backend=backend,  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=num_workers,
@@ -242,6 +270,7 @@ def score_cmd(
         track=track,
         tracking_uri=tracking_uri,
         options=options,
+        inference_mode=inference_mode,
     )
     try:
         with progress_bar(err) as (on_start, on_progress):

@@ -9,6 +9,8 @@ Metadata keys (besides the common ``path``, ``source_format`` = ``"dicom"``, ``o
 - pixel module: ``photometric_interpretation``, ``rows``, ``columns``, ``samples_per_pixel``, ``bits_allocated``,
   ``bits_stored`` (also as ``bit_depth``), ``pixel_representation``, ``transfer_syntax`` (UID),
   ``transfer_syntax_name``, ``compressed``;
+- decoding: ``decode_scale`` (1 = every stored pixel; 1/2^k when a `DecodeTarget` let the file be decoded at a
+  reduced resolution; ``pixel_spacing`` stays that of the stored pixels);
 - display decisions: ``rescale`` (source, slope, intercept, type such as ``"HU"``), ``voi`` (kind ``"lut"`` /
   ``"window"`` / ``"minmax"``, with centre / width / function / index / count or low / high), ``inverted``
   (MONOCHROME1 flipped so that higher = brighter);
@@ -37,7 +39,18 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from loupe.core.errors import LoupeError
 from loupe.core.io import dicom_lut
-from loupe.core.io.common import MAX_PIXELS, LoadedImage, check_pixel_count, input_error, is_decoder_failure
+from loupe.core.io.common import (
+    DECODE_BUDGET,
+    MAX_PIXELS,
+    DecodeTarget,
+    LoadedImage,
+    check_pixel_count,
+    file_size,
+    input_error,
+    is_decoder_failure,
+    open_source,
+)
+from loupe.core.io.dicom_pixels import decode_pixels
 from loupe.core.io.sniff import sniff_format
 
 log = logging.getLogger(__name__)
@@ -65,18 +78,30 @@ SAFE_META_KEYS = frozenset(
         "columns", "samples_per_pixel", "bits_allocated", "bits_stored", "bit_depth", "pixel_representation",
         "transfer_syntax", "transfer_syntax_name", "compressed", "modality", "view_position", "presentation_intent",
         "body_part", "patient_sex", "patient_age", "patient_age_years", "pixel_spacing", "pixel_spacing_source",
-        "rescale", "voi", "inverted",
+        "rescale", "voi", "inverted", "decode_scale",
     }
 )  # fmt: skip
 
 
-def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+def read_dicom(
+    path: str | Path,
+    *,
+    voi_index: int | None = 0,
+    max_pixels: int = MAX_PIXELS,
+    target: DecodeTarget | None = None,
+    decode_budget: int = DECODE_BUDGET,
+) -> LoadedImage:
     """Read and render one DICOM file: modality LUT → VOI (LUT or window) → MONOCHROME1 inversion → [0, 1].
 
     ``voi_index`` picks the VOI LUT / window when the file holds several (0 = the first, what viewers show);
     ``None`` ignores the file's VOI and maps the modality values' min..max linearly to [0, 1].
+    ``target``: the model input the pixels are for; an image larger than it on both sides is decoded at 1/2^k of
+    its resolution (JPEG 2000 resolution levels, JPEG DCT scaling, else averaging; see
+    `loupe.core.io.dicom_pixels`), recorded as ``meta["decode_scale"]``. ``decode_budget``: the most bytes the
+    decode and rendering may take.
     Every failure (not DICOM, truncated, no pixel data, missing codec, unsupported photometric interpretation,
-    more than ``max_pixels`` values) raises `UnsupportedInputError` naming the file, the tag and the fix.
+    more than ``max_pixels`` values, over the budget) raises `UnsupportedInputError` naming the file, the tag and
+    the fix.
     """
     p = Path(path)
     fmt = sniff_format(p)
@@ -86,7 +111,7 @@ def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int =
         )
     try:
         ds = _parse(p, force=fmt == "dicom-no-preamble")
-        return _render(p, ds, voi_index, max_pixels)
+        return _render(p, ds, voi_index, max_pixels, target, decode_budget)
     except LoupeError:
         raise
     except MemoryError as exc:
@@ -99,15 +124,18 @@ def read_dicom(path: str | Path, *, voi_index: int | None = 0, max_pixels: int =
 
 def _parse(path: Path, *, force: bool) -> Dataset:
     try:
-        return pydicom.dcmread(path, force=force)
+        with open_source(path) as fh:  # the bytes `read_once` holds, when it does
+            return pydicom.dcmread(fh, force=force)
     except Exception as exc:  # noqa: BLE001 - boundary, see read_dicom
-        size = path.stat().st_size
+        size = file_size(path)
         raise input_error(
             path, f"cannot be parsed as DICOM at {size} bytes ({type(exc).__name__}: {exc})", _REEXPORT
         ) from exc
 
 
-def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> LoadedImage:
+def _render(
+    path: Path, ds: Dataset, voi_index: int | None, max_pixels: int, target: DecodeTarget | None, budget: int
+) -> LoadedImage:
     pi = _check_pixel_module(path, ds)
     frames = _int(ds.get("NumberOfFrames"), 1)
     rows, cols, spp = int(ds.Rows), int(ds.Columns), _int(ds.get("SamplesPerPixel"), 1)
@@ -119,16 +147,21 @@ def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> 
     _check_native_length(path, ds, tsyntax)
     _check_codestream(path, ds, tsyntax, frames)
     try:
-        arr = ds.pixel_array
+        decoded = decode_pixels(path, ds, tsyntax, frames, target, budget, voi_index)
+    except LoupeError:
+        raise
     except BaseException as exc:  # noqa: BLE001 - boundary, see read_dicom
         if not is_decoder_failure(exc):
             raise
         problem = f"(7FE0,0010) Pixel Data in {tsyntax.name} cannot be decoded ({type(exc).__name__}: {exc})"
         raise input_error(path, problem, _REEXPORT) from exc
+    arr = decoded.array
     pipeline = [f"decode: {tsyntax.name}" + (" (compressed)" if tsyntax.is_encapsulated else "")]
     if inferred:
         pipeline[0] += " (inferred: the file has no File Meta header)"
+    pipeline += decoded.steps
     meta = _base_meta(path, ds, tsyntax, frames)
+    meta["decode_scale"] = 1.0 / (1 << decoded.level)
     if pi in dicom_lut.MONOCHROME:
         out = _render_gray(arr, ds, voi_index, tsyntax, pipeline, meta)
     else:
@@ -140,10 +173,6 @@ def _render(path: Path, ds: Dataset, voi_index: int | None, max_pixels: int) -> 
 def _render_gray(
     arr: np.ndarray, ds: Dataset, voi_index: int | None, tsyntax: Any, pipeline: list[str], meta: dict[str, Any]
 ) -> np.ndarray:
-    if not tsyntax.is_encapsulated:
-        arr, step = dicom_lut.mask_bits_stored(arr, int(ds.BitsStored), _int(ds.get("PixelRepresentation"), 0) == 1)
-        if step:
-            pipeline.append(step)
     values, step, meta["rescale"] = dicom_lut.modality(arr, ds)
     pipeline.append(step)
     try:
@@ -168,7 +197,8 @@ def _render_color(arr: np.ndarray, ds: Dataset, pi: str, pipeline: list[str], me
         bits = int(ds.BitsStored)
         if pi != "RGB":
             pipeline.append(f"color: {pi} converted to RGB by the decoder")
-    out = arr.astype(np.float64) / float(2**bits - 1)
+    out = arr.astype(np.float32)  # exact for samples up to 2^24, and IEEE division rounds as float64-then-cast
+    out /= np.float32(2**bits - 1)  # in place: a cine of 120 colour frames is one float32 copy, not three
     pipeline.append(f"scale: divided by {2**bits - 1} ({bits}-bit) to 0..1")
     meta["inverted"] = False
     meta["intensity"] = f"RGB 0..1 (samples / {2**bits - 1}), channels last"
@@ -255,7 +285,7 @@ def _check_native_length(path: Path, ds: Dataset, tsyntax: UID) -> None:
         raise input_error(
             path,
             f"the file is truncated: (7FE0,0010) Pixel Data has {actual:,} of {expected:,} bytes "
-            f"(file ends at byte {path.stat().st_size:,})",
+            f"(file ends at byte {file_size(path):,})",
             "re-export or re-transfer the complete file",
         )
 

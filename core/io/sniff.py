@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from loupe.core.io.common import input_error, unreadable
+from loupe.core.io.common import held_file, input_error, unreadable
 
 Format = Literal["dicom", "dicom-no-preamble", "png", "jpeg", "tiff", "unknown"]
 
@@ -58,11 +58,16 @@ def _looks_like_element(head: bytes, *, little: bool) -> bool:
 
 
 def sniff_format(path: str | Path) -> Format:
-    """The format of the file at ``path`` from its content; a missing or unreadable file is an error."""
+    """The format of the file at ``path`` from its content (its held bytes when `read_once` holds them); a missing
+    or unreadable file is an error."""
     p = Path(path)
+    held = held_file(p)
     try:
-        with p.open("rb") as fh:
-            head = fh.read(132)
+        if held is not None:
+            head = held.data[:132]
+        else:
+            with p.open("rb") as fh:
+                head = fh.read(132)
     except OSError as exc:
         raise unreadable(p, exc) from exc
     if not head:

@@ -55,6 +55,10 @@ class WeightSpec:
     preprocessing hash.
     ``weights_sha256``: the SHA-256 of the folder's weights file, written by `save_model` and checked by
     `load_model_dir` before anything is built (a changed or damaged file is refused, not loaded).
+    ``inference``: how the model runs when it scores (`loupe.core.models.inference`): ``mode`` (``fp32``,
+    ``bf16``, ``int8``, ``...+compile``, ``...+tome8``, or ``auto``: measured on each machine), ``tolerance`` (the
+    accuracy cost ``auto`` accepts: AUROC drop, default 0.005) and ``tome_r`` (the token-merging r, or one per
+    block, the model was fine-tuned with). A mode other than fp32 is part of the preprocessing hash.
     """
 
     name: str
@@ -83,6 +87,7 @@ class WeightSpec:
     mask_threshold: float = 0.5
     unit_options: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -116,6 +121,7 @@ class WeightSpec:
         bad = [m for m in self.modalities if not (isinstance(m, str) and m.isalnum() and m.isupper())]
         if bad:
             out.append(f"modalities must be DICOM modality codes in capitals (CR, DX, CT, ...), got {bad}")
+        out += _inference_problems(self)
         return out + self._output_problems() + [p for k, r in self.scope.items() if (p := _rule_problem(k, r))]
 
     def _output_problems(self) -> list[str]:
@@ -198,7 +204,13 @@ class WeightSpec:
         keys = ("input_size", "mean", "std", "intensity", "interpolation", "resize_mode")
         out = {k: (list(v) if isinstance(v := getattr(self, k), tuple) else v) for k in keys}
         units = {**self.unit_options, **(options or {})}
-        return {**out, "unit_options": units} if units else out
+        out = {**out, "unit_options": units} if units else out
+        mode = str(self.inference.get("mode", "fp32"))
+        if mode != "fp32":  # fp32 (the default) leaves the hash of every earlier model as it was
+            out["inference_mode"] = mode
+            if "tome" in mode.split("+") and self.inference.get("tome_r") is not None:
+                out["tome_r"] = self.inference["tome_r"]
+        return out
 
     def preprocessing_hash(self, options: dict[str, Any] | None = None) -> str:
         blob = json.dumps(self.preprocessing(options), sort_keys=True, default=str).encode()
@@ -236,6 +248,33 @@ def _model_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
                 out.append(f"model_kwargs.{k} = {v!r}: only short names are allowed, not paths or URLs")
         else:
             out.append(f"model_kwargs.{k}: expected a number, a boolean or a short name, got {type(v).__name__}")
+    return out
+
+
+INFERENCE_KEYS = ("mode", "tolerance", "tome_r")
+
+
+def _inference_problems(spec: WeightSpec) -> list[str]:
+    """``inference`` holds a valid mode (or auto), a tolerance in [0, 0.1] and a token-merging r."""
+    inf = spec.inference
+    if not isinstance(inf, dict):
+        return [f"inference must be a mapping with keys {list(INFERENCE_KEYS)}, got {type(inf).__name__}"]
+    out = [f"inference.{k} is unknown; allowed: {list(INFERENCE_KEYS)}" for k in inf if k not in INFERENCE_KEYS]
+    tol = inf.get("tolerance", 0.005)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= float(tol) <= 0.1:
+        out.append(f"inference.tolerance must be a number in [0, 0.1] (an AUROC drop), got {tol!r}")
+    r = inf.get("tome_r")
+    values = r if isinstance(r, list | tuple) else [r]
+    if r is not None and not (values and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4096
+                                             for v in values)):  # fmt: skip
+        out.append(f"inference.tome_r must be a whole number of tokens (or one per block) in [0, 4096], got {r!r}")
+    mode = inf.get("mode")
+    if mode is not None and not out:
+        from loupe.core.models.inference import mode_problem_text
+
+        problem = mode_problem_text(str(mode), spec)
+        if problem:
+            out.append(f"inference.mode: {problem}")
     return out
 
 

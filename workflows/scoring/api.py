@@ -27,7 +27,7 @@ from loupe.core.tracking import NullTracker, Tracker, make_tracker
 from loupe.workflows.scoring.backends import BatchResult, RayOptions, build_engine, run_local, run_ray
 from loupe.workflows.scoring.inputs import InputList, collect_inputs
 from loupe.workflows.scoring.lock import output_lock
-from loupe.workflows.scoring.model import ResolvedModel, resolve_model
+from loupe.workflows.scoring.model import ResolvedModel, apply_inference_mode, resolve_model
 from loupe.workflows.scoring.produce import Producer
 from loupe.workflows.scoring.table import Mode, PartsTable, table_schema, unit_schema
 
@@ -61,7 +61,9 @@ class ScoreOptions:
     experiment: str = EXPERIMENT
     tags: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # unit options over the model's (`--option key=value`)
+    inference_mode: str | None = None  # fp32 / bf16 / int8 / ...+compile / ...+tome8 / auto; None: the spec's
     allow_roots: tuple[Path, ...] = ()  # folders besides the input root that inputs may resolve into (`--allow-root`)
+    path_key: bytes | None = None  # set (`--pseudonymise-paths`): tables record keyed pseudonyms, not file names
 
 
 @dataclass
@@ -135,16 +137,24 @@ def score(
     out = Path(opts.out).expanduser().resolve()
     exclude = [out.with_name(out.name + s) for s in (".parts", ".artifacts", ".explain")]
     inputs = collect_inputs(opts.input, exclude=exclude, suffixes=suffixes)  # no inputs: usage error, at once
+    if opts.path_key is not None:
+        inputs = replace(inputs, path_key=opts.path_key)
     with output_lock(out):  # one writer per table: a second run on the same --out is refused, not interleaved
-        PartsTable(out, table_schema((), str(inputs.root))).check(opts.mode)  # refused before the model is loaded
+        PartsTable(out, table_schema((), _root_label(inputs))).check(opts.mode)  # refused before the model is loaded
         registry, tracker = _trackers(opts)
         if resolved is not None:
-            return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
+            return _score_resolved(opts, info, inputs, _in_mode(opts, resolved, inputs), tracker, on_start, on_progress)
         resolved = resolve_model(opts.model, opts.domain, registry)
         try:
-            return _score_resolved(opts, info, inputs, resolved, tracker, on_start, on_progress)
+            return _score_resolved(opts, info, inputs, _in_mode(opts, resolved, inputs), tracker, on_start, on_progress)
         finally:
             resolved.close()
+
+
+def _in_mode(opts: ScoreOptions, rm: ResolvedModel, inputs: InputList) -> ResolvedModel:
+    """``rm`` run in the requested inference mode, on the device that will score (Ray actors: CPU or CUDA)."""
+    device = ("cuda" if opts.ray.gpus_per_actor else "cpu") if opts.backend == "ray" else str(pick_device(opts.device))
+    return apply_inference_mode(rm, opts.inference_mode, inputs.paths, device)
 
 
 def _score_resolved(
@@ -156,7 +166,7 @@ def _score_resolved(
     on_start: Callable[[int], None] | None,
     on_progress: Progress | None,
 ) -> ScoreSummary:
-    root = str(inputs.root)
+    root = _root_label(inputs)
     labels = rm.spec.label_names
     table = PartsTable(opts.out, table_schema(labels, root), unit_schema(labels, root) if info.unit_table else None)
     table.prepare(opts.mode)
@@ -195,10 +205,12 @@ def _batches(
     provenance = {**rm.provenance.to_dict(), "out_name": table.out.name}
     roots = tuple(str(Path(r).expanduser().resolve()) for r in (inputs.root, *opts.allow_roots))
     producer = {"root": str(inputs.root), "done": frozenset(done), "batch_size": opts.batch_size,
-                "options": tuple(sorted(opts.options.items())), "roots": roots}  # fmt: skip
+                "options": tuple(sorted(opts.options.items())), "roots": roots,
+                "path_key": opts.path_key}  # fmt: skip
     if opts.backend == "ray":
         ray_kwargs = {"model_dir": str(rm.model_dir), "provenance": provenance, "domain": opts.domain,
-                      "producer": producer, "explain": opts.explain, "table_dir": str(table.out.parent)}  # fmt: skip
+                      "producer": producer, "explain": opts.explain, "table_dir": str(table.out.parent),
+                      "inference_mode": str(rm.spec.inference.get("mode", "fp32"))}  # fmt: skip
         return run_ray(inputs.paths, ray_kwargs, opts.batch_size, schemas, opts.ray)
     device = pick_device(opts.device)
     scorer, assembler = build_engine(rm.model, rm.spec, provenance, device, opts.explain, table.out.parent,
@@ -243,6 +255,16 @@ def _finalize(table: PartsTable, inputs: InputList, summary: ScoreSummary) -> No
         summary.artifacts_dir = table.artifacts_dir
 
 
+def _root_label(inputs: InputList) -> str:
+    """The input root as the tables' metadata records it (where the dashboard finds the source files): its path,
+    or with pseudonymised paths a keyed pseudonym of it (the folder may be named after the patient)."""
+    if inputs.path_key is None:
+        return str(inputs.root)
+    from loupe.workflows.scoring.inputs import pseudonym
+
+    return "pseudonymised:" + pseudonym(str(inputs.root), inputs.path_key)
+
+
 def _anonymous(text: str) -> str:
     """A stable short name for a path that must not be logged (a folder may be named after a patient)."""
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -264,6 +286,7 @@ def _params(opts: ScoreOptions, rm: ResolvedModel, inputs: InputList, n_done: in
         "num_workers": opts.num_workers if opts.num_workers is not None else default_workers(),
         "explain": opts.explain,
         "mode": opts.mode,
+        "inference_mode": str(rm.spec.inference.get("mode", "fp32")),
         "labels": list(rm.spec.label_names),
         "already_scored": n_done,
         **{f"option.{k}": v for k, v in opts.options.items()},

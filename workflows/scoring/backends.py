@@ -197,13 +197,16 @@ class RayScorer:
     """Ray Data callable class (one per actor): loads the model once, then scores batches of paths whole."""
 
     def __init__(self, model_dir: str, provenance: dict[str, str], domain: str, producer: dict[str, Any],
-                 explain: bool, table_dir: str, device: str, schemas: tuple[pa.Schema, pa.Schema | None]):  # fmt: skip
+                 explain: bool, table_dir: str, device: str, schemas: tuple[pa.Schema, pa.Schema | None],
+                 inference_mode: str = "fp32"):  # fmt: skip
         from loupe.core.models import load_model_dir
+        from loupe.core.models.inference import with_mode
         from loupe.core.registry import DOMAINS, discover_domains
 
         discover_domains()
         torch.set_num_threads(1)
         model, spec = load_model_dir(model_dir)
+        model = with_mode(model, inference_mode, spec, device)  # the mode the driver resolved (auto included)
         info = DOMAINS.get(domain)
         self.producer = Producer(read_units=info.read_units, identity=info.content_identity, spec=spec,
                                  meta_keys=info.meta_keys, **producer)  # fmt: skip
@@ -234,9 +237,10 @@ def build_engine(model, spec, provenance, device, explain: bool, table_dir: Path
     """The `Scorer` and `Assembler` of one scoring process (the driver or a Ray actor)."""
     explainer = None
     if explain:
+        from loupe.core.models.inference import full_token_model
         from loupe.workflows.scoring.explain import ViTGradCAM
 
-        explainer = ViTGradCAM(model, spec, device)
+        explainer = ViTGradCAM(full_token_model(model), spec, device)  # fp32, every token: a map per patch
     scorer = Scorer(model, spec, device, explainer)
     artifacts_dir = table_dir / f"{provenance['out_name']}.artifacts"
     base = {k: v for k, v in provenance.items() if k != "out_name"}

@@ -34,10 +34,11 @@ class InputList:
     source: str
     kind: str = "folder"  # folder | manifest
     skipped_examples: list[str] = field(default_factory=list)
+    path_key: bytes | None = None  # set: paths are recorded as keyed pseudonyms (`--pseudonymise-paths`)
 
     def relative(self, path: str) -> str:
         """``path`` as recorded in tables (see `recorded_path`)."""
-        return recorded_path(path, self.root)
+        return recorded_path(path, self.root, self.path_key)
 
 
 def utf8_text(s: str) -> str:
@@ -46,9 +47,23 @@ def utf8_text(s: str) -> str:
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def recorded_path(path: str | Path, root: str | Path) -> str:
-    """A path as tables record it: relative to the input root, POSIX separators, valid UTF-8 (`utf8_text`)."""
-    return utf8_text(Path(os.path.relpath(path, root)).as_posix())
+def recorded_path(path: str | Path, root: str | Path, key: bytes | None = None) -> str:
+    """A path as tables record it: relative to the input root, POSIX separators, valid UTF-8 (`utf8_text`); with a
+    ``key``, a pseudonym instead (`pseudonym`)."""
+    rel = Path(os.path.relpath(path, root)).as_posix()
+    return pseudonym(rel, key) if key is not None else utf8_text(rel)
+
+
+def pseudonym(rel: str, key: bytes) -> str:
+    """``rel`` (a path relative to the input root) as ``p-<HMAC-SHA256 under key, 24 hex>`` + its suffix: the same
+    file always gets the same name under the same key (resume, joins), and a name cannot be guessed back without the
+    key (a plain hash of "Doe^John/chest.dcm" could be)."""
+    import hashlib
+    import hmac
+
+    digest = hmac.new(key, b"loupe-score/v1/path\0" + os.fsencode(rel), hashlib.sha256).hexdigest()[:24]
+    suffix = Path(rel).suffix.lower()
+    return f"p-{digest}{suffix if suffix.isascii() and len(suffix) <= 8 else ''}"
 
 
 def collect_inputs(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,69 @@ def _from_tag(tag: str, domain: str) -> ResolvedModel:
     res = _resolved(model, spec, folder, domain, f"tag:{tag}", spec.name, spec.version, tmp)
     res.provenance = Provenance(**{**res.provenance.to_dict(), "weights_sha256": file_sha256(weights)})
     return res
+
+
+# ------------------------------------------------------------------------------------------------ inference mode
+#: Inputs of the run that ``--mode auto`` reads to check accuracy when the model folder stores no validation set.
+AUTO_SAMPLE = 32
+
+
+def apply_inference_mode(
+    rm: ResolvedModel, mode: str | None = None, sample_paths: Sequence[str] = (), device: str = "cpu"
+) -> ResolvedModel:
+    """``rm`` with its model run in ``mode`` (default: the spec's ``inference.mode``, else fp32).
+
+    ``auto`` measures the available modes against fp32 on this machine once per (CPU, torch, weights) and caches
+    the pick (`loupe.core.models.inference.auto_mode`); accuracy is checked on the model folder's stored
+    validation set (``validation.safetensors``: AUROC drop) or, without one, on up to `AUTO_SAMPLE` of the run's
+    own inputs (decision agreement with fp32). The mode actually used is written into the returned spec, so it is
+    part of the preprocessing hash of every row. ``rm`` itself is left as it is (its owner still closes it).
+    """
+    from dataclasses import replace
+
+    from loupe.core.models.inference import InferenceMode, auto_mode, with_mode
+
+    requested = mode or str(rm.spec.inference.get("mode") or "fp32")
+    if requested == "auto":
+        choice = auto_mode(rm.model, rm.spec, lambda: _auto_inputs(rm, sample_paths),
+                           weights_sha256=rm.provenance.weights_sha256, device=device)  # fmt: skip
+        log.info("--mode auto picked %s (%s%s)", choice.mode, choice.evidence, ", cached" if choice.cached else "")
+        requested = choice.mode
+    parsed = InferenceMode.parse(requested, rm.spec)
+    model = with_mode(rm.model, parsed, rm.spec, device)
+    inference = {**rm.spec.inference, "mode": str(parsed)}
+    if parsed.is_reference:
+        inference.pop("mode")
+    spec = rm.spec.replace(inference=inference)
+    prov = replace(rm.provenance, preprocessing_hash=spec.preprocessing_hash())
+    return ResolvedModel(model, spec, rm.model_dir, prov)  # no temporary folder: ``rm`` keeps owning it
+
+
+def _auto_inputs(rm: ResolvedModel, sample_paths: Sequence[str]):
+    """(model inputs, labels or None, what they are) for ``--mode auto`` to check accuracy on."""
+    import torch
+
+    from loupe.core.errors import LoupeError
+    from loupe.core.io import read_any
+    from loupe.core.models.inference import VALIDATION_FILE, load_validation_set
+    from loupe.core.transforms import ModelInput
+
+    stored = load_validation_set(rm.model_dir, rm.spec)
+    if stored is not None:
+        return stored[0], stored[1], f"the model folder's {VALIDATION_FILE}"
+    prep, images = ModelInput(rm.spec), []
+    for p in list(sample_paths)[: AUTO_SAMPLE * 4]:
+        try:
+            img = read_any(p)
+            images.append(prep(img.array, img.meta.get("bits_stored") or img.meta.get("bit_depth")))
+        except (LoupeError, OSError, ValueError) as exc:  # a slide, a clip or a broken file: try the next
+            log.debug("--mode auto: %s not used for the accuracy check: %s", p, exc)
+        if len(images) >= AUTO_SAMPLE:
+            break
+    if not images:
+        raise ConfigError(
+            "--mode auto needs model inputs to check each mode's accuracy against fp32: the model folder stores no "
+            f"{VALIDATION_FILE} and none of the run's inputs reads as a single image; store a validation set with "
+            "loupe.core.models.inference.save_validation_set(folder, images, labels), or pick a mode (--mode fp32)"
+        )
+    return torch.stack(images), None, f"{len(images)} of this run's inputs"

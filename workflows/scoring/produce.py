@@ -24,7 +24,7 @@ import torch
 
 from loupe.core.errors import LoupeError
 from loupe.core.io import safe_meta
-from loupe.core.io.identity import Identity
+from loupe.core.io.identity import Identity, read_once
 from loupe.core.models import WeightSpec
 from loupe.core.units import FileUnits, Unit, UnitFailure, UnitInfo
 
@@ -70,12 +70,16 @@ class Packet:
         return len(self.files)
 
 
-def failure_reason(exc: BaseException, path: str = "") -> str:
+def failure_reason(exc: BaseException, path: str = "", shown: str | None = None) -> str:
     """One line for a ``status`` column: a LoupeError's own message (minus the path the row already has), else the
-    exception type and message; the file's full path anywhere in it is cut to its name."""
+    exception type and message; the file's full path anywhere in it is cut to its name (or to ``shown``, the
+    pseudonym a run with pseudonymised paths records, so the name never reaches the table)."""
     msg = str(exc) if isinstance(exc, LoupeError) else f"{type(exc).__name__}: {exc}"
     if path:  # a decoder's own message may name the file again: never a folder above the input (issue: no leaks)
-        msg = msg.removeprefix(f"{path}: ").replace(str(path), Path(path).name)
+        name = Path(path).name
+        msg = msg.removeprefix(f"{path}: ").replace(str(path), shown or name)
+        if shown is not None and name:
+            msg = msg.replace(name, shown).replace(Path(path).stem, shown)
     from loupe.workflows.scoring.inputs import utf8_text
 
     return utf8_text(" ".join(msg.split()))[:500]
@@ -98,11 +102,12 @@ class Producer:
     meta_keys: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # the run's unit options over the spec's (key, value) pairs
     roots: tuple[str, ...] = ()  # resolved folders an input may live in (the input root + --allow-root); () = any
+    path_key: bytes | None = None  # set: paths are recorded (and named in reasons) as keyed pseudonyms
 
     def recorded(self, path: str) -> str:
         from loupe.workflows.scoring.inputs import recorded_path
 
-        return recorded_path(path, self.root)
+        return recorded_path(path, self.root, self.path_key)
 
 
 def produce_packets(
@@ -170,8 +175,9 @@ def _one_file(producer: Producer, path: str, buf: _Buffer, time_limit: float = 0
     t0 = time.perf_counter()
     left = time_limit  # seconds of reading this file may still use (0 = unbounded)
     try:
-        with _deadline(left, time_limit):
+        with _deadline(left, time_limit), contextlib.ExitStack() as held:
             confine(Path(path), producer.roots)
+            held.enter_context(read_once(Path(path)))  # identity and decoding take the same bytes: read once
             ident = producer.identity(Path(path))
             rec.content_id, rec.content_sha256 = ident.id, ident.sha256
             if f"{rec.path}\0{ident.id}" in producer.done:
@@ -206,7 +212,8 @@ def _one_file(producer: Producer, path: str, buf: _Buffer, time_limit: float = 0
         if rec.n_units == 0:
             rec.status = "failed: the file gave no units to score (nothing the model could look at)"
     except Exception as exc:  # noqa: BLE001 - a bad input is a row, never the end of the batch
-        rec.status = f"failed: {failure_reason(exc, path)}"
+        shown = rec.path if producer.path_key is not None else None
+        rec.status = f"failed: {failure_reason(exc, path, shown)}"
         busy = time.perf_counter() - t0
     rec.read_ms = busy * 1000.0
     buf.packet.files.append(rec)

@@ -9,6 +9,7 @@ workers, `os.wait4`) must stay under 2 GiB, and each run must end within `TIME_L
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
@@ -89,7 +90,7 @@ def _cxr_folder(root: Path, chest: Path, outside: Path) -> tuple[list[str], list
     for name, data in good.items():
         (root / name).write_bytes(data)
     shutil.copy(chest, root / "good_chest.dcm")
-    good_names = [*good, "good_chest.dcm"]
+    good_names = [*good, "good_chest.dcm", "bomb_9400sq.png"]  # the bomb: decoded at a reduced level, see below
     png, jpg = _png(film), _jpeg(np.stack([film] * 3, -1))
     dcm_bytes = chest.read_bytes()
     hostile: dict[str, bytes] = {
@@ -130,7 +131,7 @@ def _cxr_folder(root: Path, chest: Path, outside: Path) -> tuple[list[str], list
     (root / "urandom_device.png").symlink_to("/dev/urandom")
     (root / "escapes_root.png").symlink_to(outside)
     (root / "dangling.png").symlink_to(root / "gone.png")
-    names = [*hostile, "bomb_9400sq.png", "rows_claim_65535.dcm", "frames_claim_1e9.dcm", "zero_rows.dcm",
+    names = [*hostile, "rows_claim_65535.dcm", "frames_claim_1e9.dcm", "zero_rows.dcm",
              "no_pixels.dcm", "unknown_syntax.dcm", "nested_20000_deep.dcm", "pipe.png", "zero_device.dcm",
              "urandom_device.png", "escapes_root.png", "dangling.png"]  # fmt: skip
     return good_names, names
@@ -189,6 +190,8 @@ def test_hostile_images_and_dicom_are_failed_rows_within_memory_and_time(tmp_pat
     status = _check(_score("cxr", tmp_path / "in", model_dir, out), out, good, hostile)
     assert "resolves outside the input root" in status["escapes_root.png"]
     assert "not a regular file" in status["pipe.png"]
+    meta = json.loads(pd.read_parquet(out).set_index("path").meta["bomb_9400sq.png"])
+    assert meta["decode_scale"] < 1 / 16  # 265 M values decoded at a reduced level for a small model, in bounds
     assert pd.read_parquet(out).set_index("path").content_sha256.isna()["escapes_root.png"]  # never read
 
 
