@@ -109,13 +109,24 @@ def speed(
     mae_arch: str | None = typer.Option(None, "--mae-arch", help="MAE encoder [vit_base_patch16_224]."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads [torch's default]."),
     quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run (tiny ViT, 64 px)."),
+    io: bool = typer.Option(
+        False,
+        "--io",
+        help="Add the input-pipeline sections: end-to-end scoring of real NIH PNGs vs model-only, "
+        "JPEG 2000 reduced vs full decoding, memory over 50 batches (needs ../shared/data; minutes).",
+    ),
     as_json: bool = AsJson,
 ) -> None:
     """Img/s, GFLOPS vs the GEMM peak, peak memory and accuracy cost of each inference mode vs plain timm fp32."""
     import torch
 
     from loupe.core.errors import LoupeError
-    from loupe.workflows.bench_speed import SpeedOptions, run_speed
+    from loupe.workflows.bench_speed import SpeedOptions, register_section, run_speed
+
+    if io:
+        from loupe.workflows.bench_io import io_sections
+
+        register_section("input_pipeline", lambda o: io_sections(o.quick))
 
     over = {k: v for k, v in {"archs": tuple(arch or ()), "modes": tuple(mode or ()), "mae_arch": mae_arch}.items()
             if v}  # fmt: skip
