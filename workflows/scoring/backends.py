@@ -7,10 +7,12 @@ number of inputs, and over any number of units in one file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,42 +134,65 @@ def run_local(
     A worker that dies (a decoder crash, a signal) does not end the batch: the file it was reading becomes a failed
     row and a new loader goes on with the files no row covers yet (files other workers had half-read start again)."""
     pending = list(paths)
-    while pending:
-        slots = multiprocessing.Array("q", [-1] * (2 * max(num_workers, 1)), lock=False) if num_workers else None
-        loader = DataLoader(
-            PacketStream(pending, producer, slots),
-            batch_size=None,
-            num_workers=num_workers,
-            collate_fn=_as_is,
-            worker_init_fn=_init_worker if num_workers else None,
-            prefetch_factor=2 if num_workers else None,
-            pin_memory=scorer.device.type == "cuda",
-        )
-        finished: set[str] = set()
-        try:
-            for packet in loader:
+    with _no_sigchld_raise(num_workers):
+        while pending:
+            slots = multiprocessing.Array("q", [-1] * (2 * max(num_workers, 1)), lock=False) if num_workers else None
+            loader = DataLoader(
+                PacketStream(pending, producer, slots),
+                batch_size=None,
+                num_workers=num_workers,
+                collate_fn=_as_is,
+                worker_init_fn=_init_worker if num_workers else None,
+                prefetch_factor=2 if num_workers else None,
+                pin_memory=scorer.device.type == "cuda",
+            )
+            finished: set[str] = set()
+            it = iter(loader)
+            try:
+                for packet in it:
+                    files, units = score_packet(packet, scorer, assembler)
+                    finished.update(f.path for f in packet.files)
+                    yield _result(files, units, packet, schemas)
+                return
+            except RuntimeError as exc:
+                dead = _dead_worker_files(exc, slots, pending, it)
+                if not dead:
+                    raise
+            for i, reason in dead.items():
+                rec = producer.recorded(pending[i])
+                log.warning("%s: the reader process died while reading it (%s); recorded as failed", rec, reason)
+                assembler.discard(rec)
+                why = f"failed: the reader died while reading this file ({reason}): a decoder crash or a hostile file"
+                packet = Packet(files=[FileRecord(path=rec, status=why)])
                 files, units = score_packet(packet, scorer, assembler)
-                finished.update(f.path for f in packet.files)
+                finished.add(rec)
                 yield _result(files, units, packet, schemas)
-            return
-        except RuntimeError as exc:
-            dead = _dead_worker_files(exc, slots, pending)
-            if not dead:
-                raise
-        for i, reason in dead.items():
-            rec = producer.recorded(pending[i])
-            log.warning("%s: the reader process died while reading it (%s); recorded as failed", rec, reason)
-            assembler.discard(rec)
-            why = f"failed: the reader died while reading this file ({reason}): a decoder crash or a hostile file"
-
-            packet = Packet(files=[FileRecord(path=rec, status=why)])
-            files, units = score_packet(packet, scorer, assembler)
-            finished.add(rec)
-            yield _result(files, units, packet, schemas)
-        pending = [p for p in pending if producer.recorded(p) not in finished]
+            pending = [p for p in pending if producer.recorded(p) not in finished]
 
 
-def _dead_worker_files(exc: RuntimeError, slots: Any, pending: list[str]) -> dict[int, str]:
+@contextlib.contextmanager
+def _no_sigchld_raise(num_workers: int) -> Iterator[None]:
+    """While scoring, a dying reader must surface inside the loader's own ``next`` (where `run_local` turns it into a
+    failed row), not from torch's SIGCHLD handler, which raises wherever the main thread happens to be (writing a
+    part). Torch then finds dead workers by its own polling. Restored afterwards."""
+    import threading
+
+    from torch.utils.data._utils import signal_handling
+
+    if not num_workers or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, was_set = signal.getsignal(signal.SIGCHLD), signal_handling._SIGCHLD_handler_set
+    signal_handling._SIGCHLD_handler_set = True  # torch installs none while this is set
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+        signal_handling._SIGCHLD_handler_set = was_set
+
+
+def _dead_worker_files(exc: RuntimeError, slots: Any, pending: list[str], it: Any = None) -> dict[int, str]:
     """{index in ``pending``: why} for the files that DataLoader workers named in ``exc`` were reading when they
     died; empty when ``exc`` is not a worker's death."""
     msg = str(exc)
@@ -177,6 +202,10 @@ def _dead_worker_files(exc: RuntimeError, slots: Any, pending: list[str]) -> dic
     pids = {int(p) for p in m[1].replace(",", " ").split()} if m else set()
     sig = re.search(r"killed by signal: ([^.]+)", msg)
     reason = f"killed by signal {sig[1].strip()}" if sig else "it exited unexpectedly"
+    codes = {w.pid: w.exitcode for w in getattr(it, "_workers", ()) if getattr(w, "exitcode", None)}
+    for pid, code in codes.items():  # the polling path's message has no signal: the worker's exit code does
+        if pid in pids and not sig and code < 0:
+            reason = f"killed by signal {signal.Signals(-code).name}"
     out = {}
     for k in range(len(slots) // 2):
         pid, i = slots[2 * k], slots[2 * k + 1]

@@ -3,7 +3,7 @@
 
 Every crafted file must give a ``failed`` row with a reason (never a traceback, a hang or a dead batch), every good
 input of the same batch must be scored ``ok``, the whole run's peak memory (the scoring process and its reader
-workers, `os.wait4`) must stay under 2 GiB, and each run must end within `TIME_LIMIT` seconds.
+workers, sampled) must stay under 2 GiB, and each run must end within `TIME_LIMIT` seconds.
 """
 
 from __future__ import annotations
@@ -144,16 +144,35 @@ def _gif() -> bytes:
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float | int | str]:
-    """Run ``cmd``; its exit code, seconds, and peak RSS (MiB) of it or its largest reader worker (wait4)."""
+    """Run ``cmd``; its exit code, seconds, and the peak RSS (MiB) of any process of its tree (the scorer and its
+    reader workers), sampled every 20 ms. Not wait4's maxrss: a child forked from a large pytest process inherits
+    the parent's RSS high-water mark across exec."""
+    import psutil
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                root = psutil.Process(proc.pid)
+                procs = [root, *root.children(recursive=True)]
+                peak[0] = max([peak[0]] + [p.memory_info().rss for p in procs if p.is_running()])
+            except psutil.Error:
+                pass
+            stop.wait(0.02)
+
     timer = threading.Timer(TIME_LIMIT, proc.kill)
+    sampler = threading.Thread(target=sample, daemon=True)
     t0 = time.monotonic()
     timer.start()
+    sampler.start()
     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = proc.wait()
+    stop.set()
+    sampler.join()
     timer.cancel()
-    return {"code": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - t0,
-            "peak_mib": usage.ru_maxrss / 1024, "output": output[-3000:]}  # fmt: skip
+    return {"code": code, "seconds": time.monotonic() - t0, "peak_mib": peak[0] / 2**20, "output": output[-3000:]}
 
 
 def _score(domain: str, inputs: Path, model: Path, out: Path, *extra: str) -> dict[str, float | int | str]:
