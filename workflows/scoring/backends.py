@@ -154,7 +154,7 @@ def run_local(
                     finished.update(f.path for f in packet.files)
                     yield _result(files, units, packet, schemas)
                 return
-            except RuntimeError as exc:
+            except (RuntimeError, ConnectionError, EOFError) as exc:  # a worker dying mid-transfer resets the pipe
                 dead = _dead_worker_files(exc, slots, pending, it)
                 if not dead:
                     raise
@@ -192,14 +192,18 @@ def _no_sigchld_raise(num_workers: int) -> Iterator[None]:
         signal_handling._SIGCHLD_handler_set = was_set
 
 
-def _dead_worker_files(exc: RuntimeError, slots: Any, pending: list[str], it: Any = None) -> dict[int, str]:
+def _dead_worker_files(exc: Exception, slots: Any, pending: list[str], it: Any = None) -> dict[int, str]:
     """{index in ``pending``: why} for the files that DataLoader workers named in ``exc`` were reading when they
     died; empty when ``exc`` is not a worker's death."""
     msg = str(exc)
-    if slots is None or "DataLoader worker" not in msg:
+    workers = list(getattr(it, "_workers", ()))
+    for w in workers:
+        w.join(timeout=2)  # a dead worker's exit status, when the error came from the broken pipe first
+    died = {w.pid for w in workers if w.exitcode not in (None, 0, -signal.SIGTERM)}  # SIGTERM: torch's own shutdown
+    if slots is None or ("DataLoader worker" not in msg and not died):
         return {}
     m = re.search(r"pid\(?s?\)? ([\d, ]+)", msg)
-    pids = {int(p) for p in m[1].replace(",", " ").split()} if m else set()
+    pids = {int(p) for p in m[1].replace(",", " ").split()} if m else died
     sig = re.search(r"killed by signal: ([^.]+)", msg)
     reason = f"killed by signal {sig[1].strip()}" if sig else "it exited unexpectedly"
     codes = {w.pid: w.exitcode for w in getattr(it, "_workers", ()) if getattr(w, "exitcode", None)}
