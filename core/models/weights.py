@@ -148,10 +148,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsMismatchError(
                 f"{p}: refusing to load - the checkpoint holds Python objects beyond tensors "
                 f"({_what_was_found(exc)}); loading it could run code. Loupe never unpickles code. Convert it "
-                f"to safetensors once, in an isolated "
-                f'environment and only if you trust where it came from: python -c "import torch; '
-                f"from safetensors.torch import save_file; sd = torch.load('{p.name}', weights_only=False); "
-                f"save_file(sd.get('state_dict', sd), '{p.stem}.safetensors')\" - then use file:{p.stem}.safetensors"
+                f"to safetensors once, in an isolated environment and only if you trust where it came from: load it "
+                f"with torch.load, weights_only switched off, then save_file(state_dict, '{p.stem}.safetensors') from "
+                f"safetensors.torch, and use file:{p.stem}.safetensors"
             ) from None
         except (RuntimeError, EOFError, OSError) as exc:
             raise WeightsMismatchError(
