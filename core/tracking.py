@@ -213,7 +213,7 @@ class MlflowTracker:
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
-            self._artifact_root = db.parent / "mlartifacts"
+            self._artifact_root = db.parent.absolute() / "mlartifacts"  # a relative sqlite:///runs/x.db works too
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def _experiment_id(self, name: str) -> str:

@@ -309,6 +309,24 @@ def apply_token_merging(backbone: nn.Module, cfg: ToMeConfig) -> nn.Module:
     return backbone
 
 
+def fine_tune_with_merging(model: nn.Module, spec: Any, text: str) -> Any:
+    """Fine-tune classifier ``model`` with token merging ``text`` (``tome8``, ``tome8d``, ``tome[8,8,4,...]``; ''
+    for none), as ToMe trains to recover the accuracy merging costs off the shelf. Merging is installed in place;
+    the returned `WeightSpec` stores it (``inference.tome_r``, one value per block for a schedule) and makes
+    ``tome`` the model's default inference mode, unless the spec already names one, so scoring runs the model the
+    way it was trained (``--mode fp32`` still runs every token). Refused, clearly, for mask and MIL models."""
+    if not text:
+        return spec
+    cfg = parse_tome(text)
+    problems = merging_problems(model)
+    if problems:
+        raise ConfigError(problems, source=f"token merging during fine-tuning ({text})")
+    depth = len(model.backbone.blocks())
+    r: int | list[int] = cfg.r if isinstance(cfg.r, int) and cfg.schedule == "constant" else cfg.per_block(depth)
+    apply_token_merging(model.backbone, cfg)
+    return spec.replace(inference={"mode": "tome", **spec.inference, "tome_r": r})
+
+
 def remove_token_merging(backbone: nn.Module) -> nn.Module:
     """Undo `apply_token_merging` (a no-op on a backbone that does not merge)."""
     backbone.__dict__.pop("forward_features", None)
@@ -354,6 +372,17 @@ def parse_tome(text: str) -> ToMeConfig:
     except ValueError:
         raise ConfigError(f"token merging {text!r} is not understood; write tome8 (r per block), tome8d (a "
                           f"decreasing schedule) or tome[8,8,4,...] (one r per block)") from None  # fmt: skip
+
+
+def token_merging_problems(text: str) -> list[str]:
+    """Config check for a recipe's ``model.token_merging`` ('' for none)."""
+    if not text:
+        return []
+    try:
+        parse_tome(text)
+    except ConfigError as exc:
+        return [f"token_merging: {exc.problems[0]}"]
+    return []
 
 
 def describe(cfg: ToMeConfig | None) -> dict[str, Any]:

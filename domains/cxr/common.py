@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from loupe.core.distributed import DistInfo, make_loader
 from loupe.core.evaluation import EvalConfig
 from loupe.core.models.spec import WeightSpec
+from loupe.core.models.tome import token_merging_problems
 from loupe.core.registry import LABEL_SETS, MODELS
 from loupe.domains.cxr.data import DataConfig, TensorImageDataset, load_pneumoniamnist
 from loupe.domains.cxr.models import CXR_MEAN, CXR_STD, cxr_spec
@@ -38,9 +39,10 @@ class ModelConfig:
     init_layout: str = "mae"
     mean: tuple[float, ...] = CXR_MEAN
     std: tuple[float, ...] = CXR_STD
+    token_merging: str = ""  # e.g. tome8: fine-tune with token merging (`loupe.core.models.tome`); '' = every token
 
     def problems(self) -> list[str]:
-        out = []
+        out = token_merging_problems(self.token_merging)
         if self.name not in MODELS:
             out.append(f"name: model {self.name!r} is not registered; see `loupe models --domain cxr`")
         if self.in_chans not in (1, 3):

@@ -27,6 +27,7 @@ from loupe.core.distributed import pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.evaluation import EvalConfig, choose_thresholds, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
+from loupe.core.models.tome import fine_tune_with_merging
 from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
 from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
 from loupe.core.training import LoopConfig, Trainer
@@ -121,6 +122,7 @@ class FinetuneRecipe(Recipe):
         self.spec = cfg.model.spec(cfg.run.name or self.default_name, self.names, source)
         model, report = build_model(self.spec)
         self.load_report = report.summary() if report else "random init"
+        self.spec = fine_tune_with_merging(model, self.spec, cfg.model.token_merging)
         if cfg.train.freeze_backbone:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)

@@ -40,6 +40,7 @@ from loupe.core.distributed import DistInfo, make_loader, pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.evaluation import EvalConfig, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
+from loupe.core.models.tome import fine_tune_with_merging, token_merging_problems
 from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
 from loupe.core.pretrain import MAEModel, MAEPretrainBase
 from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
@@ -155,9 +156,11 @@ class DetectModel:
     drop_path: float = 0.0
     init: str = ""
     init_layout: str = "mae"
+    token_merging: str = ""  # e.g. tome8: fine-tune with token merging (`loupe.core.models.tome`); '' = every token
 
     def problems(self) -> list[str]:
         out = [] if self.name in MODELS else [f"name: model {self.name!r} is not registered (`loupe models`)"]
+        out += token_merging_problems(self.token_merging)
         if self.init_layout not in ("mae", "timm", "loupe", "open_clip", "hf-clip"):
             out.append(f"init_layout: expected mae, timm, loupe, open_clip or hf-clip, got {self.init_layout!r}")
         if self.resize_mode not in ("center_crop", "shorter_side_crop", "squash"):
@@ -303,6 +306,7 @@ class DetectRecipe(Recipe):
         t = self.cfg.train
         model, report = build_model(self.spec)
         self.load_report = report.summary() if report else "random init"
+        self.spec = fine_tune_with_merging(model, self.spec, self.cfg.model.token_merging)
         trainable = freeze_for(model, t.method)
         backbone = model.backbone
         if t.method == "lora":

@@ -24,6 +24,7 @@ from loupe.core.distributed import DistInfo, make_loader, pick_device
 from loupe.core.errors import ConfigError
 from loupe.core.evaluation import EvalConfig, evaluation_report, log_report, predict
 from loupe.core.models.classifier import build_model, save_model
+from loupe.core.models.tome import fine_tune_with_merging, token_merging_problems
 from loupe.core.optim import OptimConfig, WarmupCosine, adamw, param_groups
 from loupe.core.pretrain import MAEModel, MAEPretrainBase
 from loupe.core.recipes import Recipe, RunConfig, model_signature, register_recipe, resolve_init
@@ -46,9 +47,11 @@ class PatchModel:
     drop_path: float = 0.1
     init: str = ""
     init_layout: str = "mae"
+    token_merging: str = ""  # e.g. tome8: fine-tune with token merging (`loupe.core.models.tome`); '' = every token
 
     def problems(self) -> list[str]:
         out = [] if self.name in MODELS else [f"name: model {self.name!r} is not registered (`loupe models`)"]
+        out += token_merging_problems(self.token_merging)
         if self.init_layout not in ("mae", "timm", "loupe", "open_clip"):
             out.append(f"init_layout: expected mae, timm, loupe or open_clip, got {self.init_layout!r}")
         return out
@@ -102,6 +105,7 @@ class PatchFinetuneRecipe(Recipe):
                                    model_kwargs={"drop_path_rate": m.drop_path} if m.drop_path else {})  # fmt: skip
         model, report = build_model(self.spec)
         self.load_report = report.summary() if report else "random init"
+        self.spec = fine_tune_with_merging(model, self.spec, m.token_merging)
         if cfg.train.freeze_backbone:
             model.backbone.requires_grad_(False)
         self.model = model.to(self.device)

@@ -125,3 +125,12 @@ def test_null_tracker_records_in_memory() -> None:
         run.log_params({"a": 1})
         run.log_metrics({"m": 2.0}, step=3)
     assert tracker.runs[0].params == {"a": 1} and tracker.runs[0].metrics == {"m": [(3, 2.0)]}
+
+
+def test_a_relative_sqlite_uri_is_a_store_beside_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracker = MlflowTracker("sqlite:///runs/mlflow.db")  # as users type it in a project folder
+    with tracker.run("unit", experiment="loupe-relative") as run:
+        run.log_dict({"a": 1}, "config.json")
+    assert (tmp_path / "runs" / "mlflow.db").is_file() and (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert MlflowClient(tracking_uri="sqlite:///runs/mlflow.db").get_run(run.run_id).info.status == "FINISHED"

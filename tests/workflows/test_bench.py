@@ -32,6 +32,7 @@ def test_scoring_memory_runs_children_and_reports_a_ratio() -> None:
     assert 0.5 < got["ratio_peak_rss"] < 1.5
 
 
+@pytest.mark.slow  # a benchmark of fresh processes (40 s)
 def test_startup_measures_help_and_one_input_against_the_bare_model() -> None:
     res = runner.invoke(app, ["bench", "startup", "--repeats", "1", "--json"])
     assert res.exit_code == 0, res.output

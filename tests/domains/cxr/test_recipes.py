@@ -173,6 +173,52 @@ def _dicom_manifest(tmp_path: Path) -> Path:
     return manifest
 
 
+def test_fine_tuning_with_token_merging_is_stored_and_scoring_runs_it(tmp_path: Path, toy_npz: Path) -> None:
+    """``model.token_merging=tome2``: the recipe trains and evaluates a merging model (as ToMe fine-tunes), its spec
+    stores the merging, `loupe score` runs it so by default, and ``--mode fp32`` runs every token."""
+    from PIL import Image
+
+    from loupe.core.models.tome import ToMeConfig, merging_config
+    from loupe.workflows.scoring import ScoreOptions, score
+
+    cls, cfg = load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml",
+                           [f"data.path={toy_npz}", *SMALL, "model.init=", "model.token_merging=tome2",
+                            "train.epochs=3", "eval.n_boot=20", f"run.output_dir={tmp_path / 'ft'}"])  # fmt: skip
+    recipe = cls(cfg, NullTracker())
+    out = recipe.run("train")
+    assert merging_config(recipe.model) == ToMeConfig(r=2) and out["test_macro_auroc"] > 0.8
+    folder = tmp_path / "ft" / "model"
+    spec = WeightSpec.load(folder / "weight_spec.json")
+    assert spec.inference == {"mode": "tome", "tome_r": 2}
+    films = tmp_path / "films"
+    films.mkdir()
+    for i, a in enumerate(np.load(toy_npz)["test_images"][:6]):
+        Image.fromarray(a).save(films / f"f{i}.png")
+    tables = {}
+    for mode in (None, "fp32"):
+        dest = tmp_path / f"{mode}.parquet"
+        score(ScoreOptions(domain="cxr", input=films, model=f"local-dir:{folder}", out=dest, track=False,
+                           num_workers=0, inference_mode=mode))  # fmt: skip
+        tables[mode] = pd.read_parquet(dest).sort_values("path").reset_index(drop=True)
+    merged, full = tables[None], tables["fp32"]
+    assert (merged.status == "ok").all() and (full.status == "ok").all()
+    assert set(merged.preprocessing_hash) == {spec.replace(inference={"mode": "fp32+tome2", "tome_r": 2})
+                                              .preprocessing_hash()}  # fmt: skip
+    assert set(merged.preprocessing_hash) != set(full.preprocessing_hash)
+    assert not np.allclose(merged.score_Pneumonia, full.score_Pneumonia, atol=1e-6)  # the default run merged
+
+
+def test_token_merging_during_fine_tuning_is_checked_and_refused_for_mask_models() -> None:
+    from loupe.core.models.tome import fine_tune_with_merging
+
+    with pytest.raises(ConfigError, match="token_merging"):
+        load_recipe(CONFIGS / "pneumoniamnist_finetune.yaml", ["model.token_merging=tomeX"])
+    spec = cxr_spec("m", "cxr_vit_micro_patch4", ("Pneumonia",), img_size=16)
+    model, _ = build_model(spec)
+    stored = fine_tune_with_merging(model, spec, "tome2d")  # a schedule is stored one value per block
+    assert stored.inference == {"mode": "tome", "tome_r": [4, 3, 2, 2, 1, 0]}
+
+
 def test_finetune_on_a_dicom_manifest_runs(tmp_path: Path) -> None:
     """Reader metadata of real DICOM holds None values (no view position, no age); batches must still form."""
     manifest = _dicom_manifest(tmp_path)

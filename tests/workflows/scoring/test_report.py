@@ -34,7 +34,7 @@ def test_interrupted_scoring_says_what_was_kept_and_how_to_resume(tmp_path: Path
     root = tmp_path / "in"
     root.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(400):
+    for i in range(150):
         Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / f"f{i:03d}.png")
     out = tmp_path / "p.parquet"
     cmd = [

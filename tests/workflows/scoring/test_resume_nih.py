@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.realdata
+# 621 real films scored three times (30 s): the kill-and-resume mechanism is in the default suite through
+# test_durability.py (three kills) and the pathology slide tests; this one runs with -m slow.
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 N_FILMS = 621
 #: The films are symlinked into a temporary folder: their real folder is named as an allowed root
 NIH_IMAGES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cxr" / "nih14" / "images"

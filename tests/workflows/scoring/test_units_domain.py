@@ -133,6 +133,7 @@ def _cmd(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # file + unit tables after SIGKILL: also tests/domains/pathology/test_slide_scoring.py on real slides
 def test_sigkill_then_resume_gives_the_uninterrupted_file_and_unit_tables(
     tmp_path: Path, mask_model: Path, same_table
 ) -> None:
@@ -164,6 +165,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file_and_unit_tables(
     assert len(_load(units_path(out), ["path"])) == 80 * 4
 
 
+@pytest.mark.slow  # unit tables through Ray: also tests/domains/pathology/test_slide_scoring.py on real slides
 def test_ray_backend_writes_the_same_file_and_unit_tables(tmp_path: Path, mask_model: Path, same_table) -> None:
     ray = pytest.importorskip("ray")
     root = _inputs(tmp_path / "in", n=6)
