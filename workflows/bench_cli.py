@@ -115,12 +115,6 @@ def speed(
         help="Add the input-pipeline sections: end-to-end scoring of real NIH PNGs vs model-only, "
         "JPEG 2000 reduced vs full decoding, memory over 50 batches (needs ../shared/data; minutes).",
     ),
-    onnx: bool = typer.Option(
-        False,
-        "--onnx/--no-onnx",
-        help="Add the ONNX Runtime section: the same ViTs exported and run by ONNX Runtime (fp32 and dynamic int8) "
-        "vs timm fp32.",
-    ),
     as_json: bool = AsJson,
 ) -> None:
     """Img/s, GFLOPS vs the GEMM peak, peak memory and accuracy cost of each inference mode vs plain timm fp32."""
@@ -133,10 +127,6 @@ def speed(
         from loupe.workflows.bench_io import io_sections
 
         register_section("input_pipeline", lambda o: io_sections(o.quick))
-    if onnx:
-        from loupe.workflows.bench_onnx import onnx_section
-
-        register_section("onnxruntime", onnx_section)
 
     over = {k: v for k, v in {"archs": tuple(arch or ()), "modes": tuple(mode or ()), "mae_arch": mae_arch}.items()
             if v}  # fmt: skip

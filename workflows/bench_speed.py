@@ -50,7 +50,8 @@ from loupe.core.models.inference import (
 
 DEFAULT_ARCHS = ("vit_small_patch16_224", "vit_base_patch16_224")
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32+tome8", "bf16+tome8", "int8+tome8", "fp32+tome16", "bf16+tome16",
-                 "int8+tome16", "bf16+compile", "int8+compile")  # fmt: skip
+                 "int8+tome16", "bf16+compile", "int8+compile", "fp32+ort", "int8+ort", "int8+ort+tome8",
+                 "int8+ort+tome16")  # fmt: skip
 QUICK_MODES = ("fp32", "bf16", "int8", "fp32+tome2", "int8+tome2")
 MAE_DECODERS = {"paper_512x8": (512, 8, 16), "light_128x2": (128, 2, 4)}  # width, depth, heads
 Section = Callable[["SpeedOptions"], dict[str, Any]]
@@ -214,12 +215,13 @@ def bench_arch(arch: str, opts: SpeedOptions) -> dict[str, Any]:
                 continue
             wrapped = with_mode(model, mode).eval()
             t0 = time.perf_counter()
-            if mode.compile:  # the first call builds the kernels: memory is measured on the second
+            warm_first = mode.compile or mode.ort  # the first call builds kernels / exports: memory on the second
+            if warm_first:
                 with torch.inference_mode():
                     wrapped(x)
                 res.warmup_s = time.perf_counter() - t0
             res.peak_rise_mib = peak_rss_rise(lambda w=wrapped: w(x))
-            if not mode.compile:
+            if not warm_first:
                 res.warmup_s = time.perf_counter() - t0
             with torch.inference_mode():
                 out = wrapped(x)
@@ -228,6 +230,8 @@ def bench_arch(arch: str, opts: SpeedOptions) -> dict[str, Any]:
             continue
         res.max_logit_diff_vs_timm = float((out.float() - ref).abs().max())
         tome = mode.tome.label if mode.tome else ""
+        # FLOPs of the fp32 torch model with the same merging: the precision, compilation and +ort (an ONNX Runtime
+        # session, which torch's FlopCounterMode cannot see into) run the same model's FLOPs
         if tome not in flops_by_tome:
             flops_by_tome[tome] = flops_per_image(with_mode(model, InferenceMode(tome=mode.tome)), x[:1])
         res.gflop_per_img = flops_by_tome[tome] / 1e9
@@ -254,7 +258,7 @@ def tome_ratios(results: dict[str, ModeResult]) -> list[dict[str, Any]]:
         if name == "timm_fp32" or "tome" not in name or r.img_s != r.img_s:
             continue
         mode = InferenceMode.parse(name)
-        plain = results.get(str(InferenceMode(mode.precision, mode.compile, None)))
+        plain = results.get(str(replace(mode, tome=None)))
         if plain is None or plain.img_s != plain.img_s:
             continue
         speedup, cut = r.img_s / plain.img_s, plain.gflop_per_img / r.gflop_per_img

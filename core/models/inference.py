@@ -1,7 +1,7 @@
 """Inference modes: how a trained model runs when it scores — precision, compilation, token merging — and
 ``auto``, which measures them on this machine and picks the fastest that stays accurate.
 
-A mode is written ``PRECISION[+compile][+tomeR]``:
+A mode is written ``PRECISION[+compile][+ort][+tomeR]``:
 
 - ``fp32``: eager float32, the reference every other mode is measured against;
 - ``bf16``: bfloat16 autocast, only where the hardware has bf16 instructions (a CPU with ``avx512_bf16`` or
@@ -9,6 +9,9 @@ A mode is written ``PRECISION[+compile][+tomeR]``:
 - ``int8``: dynamic int8 quantization of every ``nn.Linear`` (weights int8 per tensor, activations quantized per
   batch; ``torch.ao.quantization.quantize_dynamic``), CPU only;
 - ``+compile``: ``torch.compile`` (inductor) of the whole forward; refused where inductor cannot build kernels;
+- ``+ort``: the fp32 model exported to ONNX and run by ONNX Runtime on the CPU (`loupe.core.models.onnx_runtime`),
+  ``int8+ort`` with ONNX Runtime's dynamic int8 quantization of its ``MatMul`` weights instead of torch's; fp32 or
+  int8 only, never with ``+compile``; needs ``pip install -e '.[onnx]'``;
 - ``+tomeR``: token merging (`loupe.core.models.tome`): ``tome8``, ``tome8d`` (decreasing), ``tome[...]``, or
   ``tome`` alone for the ``tome_r`` the model's spec stores (a model fine-tuned with merging).
 
@@ -51,6 +54,7 @@ from loupe.core.models.tome import ToMeConfig, merging_problems, merging_view, p
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
+ORT_PRECISIONS = ("fp32", "int8")
 REFERENCE = "fp32"
 VALIDATION_FILE = "validation.safetensors"
 DEFAULT_TOLERANCE = 0.005
@@ -62,17 +66,27 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx
 # -------------------------------------------------------------------------------------------------------- modes
 @dataclass(frozen=True)
 class InferenceMode:
-    """One way to run a model (see the module): a precision, optional compilation, optional token merging."""
+    """One way to run a model (see the module): a precision, optional compilation, optional token merging,
+    optionally run by ONNX Runtime (``ort``)."""
 
     precision: str = REFERENCE
     compile: bool = False
     tome: ToMeConfig | None = None
+    ort: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ort and self.precision not in ORT_PRECISIONS:
+            raise ConfigError(f"inference mode {self}: ONNX Runtime (+ort) runs {' or '.join(ORT_PRECISIONS)} only, "
+                              f"not {self.precision}; write int8+ort or fp32+ort, or drop +ort")  # fmt: skip
+        if self.ort and self.compile:
+            raise ConfigError(f"inference mode {self}: +ort and +compile exclude each other (ONNX Runtime runs its own "
+                              f"graph, torch.compile is never used there); keep one of them")  # fmt: skip
 
     @classmethod
     def parse(cls, text: str, spec: WeightSpec | None = None) -> InferenceMode:
         """``bf16+compile+tome8`` → a mode; ``tome`` alone takes the spec's ``inference.tome_r``."""
         parts = [p.strip() for p in str(text).lower().split("+") if p.strip()]
-        precision, compiled, tome = REFERENCE, False, None
+        precision, compiled, tome, ort = REFERENCE, False, None, False
         seen_precision = False
         for p in parts:
             if p in PRECISIONS:
@@ -81,26 +95,28 @@ class InferenceMode:
                 precision, seen_precision = p, True
             elif p == "compile":
                 compiled = True
+            elif p == "ort":
+                ort = True
             elif p == "tome":
                 tome = _spec_tome(spec, text)
             elif p.startswith("tome"):
                 tome = parse_tome(p)
             else:
                 raise ConfigError(
-                    f"inference mode {text!r}: {p!r} is unknown; write PRECISION[+compile][+tomeR] with PRECISION one "
-                    f"of {list(PRECISIONS)} (e.g. bf16+compile+tome8), or auto"
+                    f"inference mode {text!r}: {p!r} is unknown; write PRECISION[+compile][+ort][+tomeR] with "
+                    f"PRECISION one of {list(PRECISIONS)} (e.g. bf16+compile+tome8, int8+ort), or auto"
                 )
         if not parts:
             raise ConfigError(f"inference mode {text!r} is empty; use fp32, bf16, int8, ...+compile, ...+tome8 or auto")
-        return cls(precision, compiled, tome)
+        return cls(precision, compiled, tome, ort)
 
     def __str__(self) -> str:
-        parts = [self.precision] + (["compile"] if self.compile else [])
+        parts = [self.precision] + (["compile"] if self.compile else []) + (["ort"] if self.ort else [])
         return "+".join(parts + ([self.tome.label] if self.tome else []))
 
     @property
     def is_reference(self) -> bool:
-        return self.precision == REFERENCE and not self.compile and self.tome is None
+        return self.precision == REFERENCE and not self.compile and self.tome is None and not self.ort
 
 
 def _spec_tome(spec: WeightSpec | None, text: str) -> ToMeConfig:
@@ -189,6 +205,15 @@ def compile_problem(device_type: str = "cpu") -> str | None:
     return None
 
 
+def ort_device_problem(device: torch.device) -> str | None:
+    """Why the ``+ort`` modes cannot run on ``device``, or None."""
+    from loupe.core.models.onnx_runtime import ort_problem
+
+    if device.type != "cpu":
+        return f"+ort runs ONNX Runtime's CPU session only, not on {device}; drop +ort there"
+    return ort_problem()
+
+
 def mode_problems(mode: InferenceMode, device: str | torch.device = "cpu", model: nn.Module | None = None) -> list[str]:
     """Why ``mode`` cannot run on ``device`` (for ``model``, when given); empty when it can."""
     dev = torch.device(device)
@@ -198,6 +223,8 @@ def mode_problems(mode: InferenceMode, device: str | torch.device = "cpu", model
     if mode.precision == "int8" and (p := int8_problem(dev)):
         out.append(p)
     if mode.compile and (p := compile_problem(dev.type)):
+        out.append(p)
+    if mode.ort and (p := ort_device_problem(dev)):
         out.append(p)
     if mode.tome is not None and model is not None:
         out += merging_problems(model)
@@ -216,12 +243,16 @@ class InferenceModel(nn.Module):
             raise ConfigError(problems, source=f"inference mode {mode}")
         self.base, self.mode = base, mode
         fast = merging_view(base, mode.tome) if mode.tome is not None else base
-        if mode.precision == "int8":
+        if mode.precision == "int8" and not mode.ort:
             fast = quantize_int8(fast)
-        self.fast = fast
+        self.fast = fast  # with +ort: the fp32 torch model, for aggregate_units (MIL heads) and the export
         self._run: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self._outputs
         if mode.compile:
             self._run = torch.compile(self._outputs)
+        if mode.ort:
+            from loupe.core.models.onnx_runtime import OrtRunner
+
+            self._run = OrtRunner(fast, mode.precision, tag=f"{mode}|{mode.tome!r}")
 
     @property
     def backbone(self) -> nn.Module:
@@ -231,7 +262,7 @@ class InferenceModel(nn.Module):
         return model_outputs(self.fast, x)
 
     def precision_context(self, device_type: str) -> contextlib.AbstractContextManager:
-        if self.mode.precision == "bf16":
+        if self.mode.precision == "bf16" and not self.mode.ort:
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -244,7 +275,7 @@ class InferenceModel(nn.Module):
         return self.forward_outputs(x)["logits"]
 
     def aggregate_units(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.precision_context(embeddings.device.type):
+        with self.precision_context(embeddings.device.type):  # with +ort: torch, fp32 (``fast`` is not exported)
             out = self.fast.aggregate_units(embeddings)
         return {k: v.float() for k, v in out.items()}
 
@@ -352,9 +383,10 @@ class AutoChoice:
 
 
 def candidate_modes(model: nn.Module, spec: WeightSpec, device: str | torch.device = "cpu",
-                    tome_r: Sequence[int] = (4, 8)) -> tuple[list[InferenceMode], dict[str, str]]:  # fmt: skip
-    """Eager modes ``auto`` tries here (every available precision, each with and without token merging), and
-    the modes left out with the reason."""
+                    tome_r: Sequence[int] = (4, 8),
+                    ort: bool = False) -> tuple[list[InferenceMode], dict[str, str]]:  # fmt: skip
+    """Eager modes ``auto`` tries here (every available precision, each with and without token merging; with
+    ``ort``, ``int8+ort`` likewise where ONNX Runtime can run), and the modes left out with the reason."""
     tomes: list[ToMeConfig | None] = [None]
     skipped: dict[str, str] = {}
     stored = spec.inference.get("tome_r")
@@ -365,9 +397,10 @@ def candidate_modes(model: nn.Module, spec: WeightSpec, device: str | torch.devi
     else:
         tomes += merge_cfgs
     out = []
-    for precision in PRECISIONS:
+    kinds = [(p, False) for p in PRECISIONS] + ([("int8", True)] if ort else [])
+    for precision, on_ort in kinds:
         for tome in tomes:
-            m = InferenceMode(precision, False, tome)
+            m = InferenceMode(precision, False, tome, on_ort)
             reasons = mode_problems(m, device, model)
             if reasons:
                 skipped[str(m)] = reasons[0]
@@ -435,6 +468,7 @@ def choose_mode(
     tolerance: float = DEFAULT_TOLERANCE,
     candidates: Sequence[InferenceMode] | None = None,
     try_compile: bool = True,
+    try_ort: bool = False,
     batch_size: int = 16,
     repeats: int = 3,
     min_seconds: float = 0.2,
@@ -445,7 +479,8 @@ def choose_mode(
 
     Accurate: AUROC drop vs fp32 ≤ ``tolerance`` when ``labels`` are given, else the share of decisions (at the
     spec's thresholds) that differ from fp32's ≤ ``tolerance``. Then, when ``try_compile``, the winner is tried
-    compiled and kept compiled if that is accurate and 5 % faster still.
+    compiled and kept compiled if that is accurate and 5 % faster still. ``try_ort`` (`auto_mode` turns it on): before
+    that, the winner run by ONNX Runtime (``+ort``: one export) likewise.
     """
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -466,18 +501,27 @@ def choose_mode(
                                                   tolerance, batch_size)  # fmt: skip
     _timed(trials, built, batch, repeats, min_seconds)
     best = _best(trials, min_speedup)
-    if try_compile and best != REFERENCE and not (mode := InferenceMode.parse(best)).compile:
-        compiled = InferenceMode(mode.precision, True, mode.tome)
-        problem = compile_problem(dev.type)
+
+    def challenge(variant: InferenceMode, problem: str | None) -> None:
+        """Time ``variant`` of the winner against it; it wins if accurate and 5 % faster still."""
+        nonlocal best
+        name = str(variant)
         if problem:
-            skipped[str(compiled)] = problem
-        else:
-            name = str(compiled)
-            trials[name], built[name] = _accuracy(compiled, model, spec, images, labels, ref_scores, ref_auc, dev,
-                                                  tolerance, batch_size)  # fmt: skip
-            _timed(trials, {k: built[k] for k in (REFERENCE, best, name)}, batch, repeats, min_seconds)
-            if trials[name].accurate and trials[name].speedup >= 1.05 * trials[best].speedup:
-                best = name
+            skipped[name] = problem
+            return
+        trials[name], built[name] = _accuracy(variant, model, spec, images, labels, ref_scores, ref_auc, dev,
+                                              tolerance, batch_size)  # fmt: skip
+        _timed(trials, {k: built[k] for k in (REFERENCE, best, name)}, batch, repeats, min_seconds)
+        if trials[name].accurate and trials[name].speedup >= 1.05 * trials[best].speedup:
+            best = name
+
+    mode = InferenceMode.parse(best)
+    if try_ort and best != REFERENCE and not mode.compile and mode.precision in ORT_PRECISIONS:
+        on_ort = InferenceMode(mode.precision, False, mode.tome, ort=True)  # one export, not one per candidate
+        challenge(on_ort, next(iter(mode_problems(on_ort, dev, model)), None))
+    mode = InferenceMode.parse(best)
+    if try_compile and best != REFERENCE and not mode.compile and not mode.ort:
+        challenge(InferenceMode(mode.precision, True, mode.tome), compile_problem(dev.type))
     for name, reason in skipped.items():
         trials.setdefault(name, Trial(name, note=f"not available: {reason}"))
     check = " with labels (AUROC drop)" if labels is not None else " (decision agreement)"
@@ -558,7 +602,8 @@ def auto_mode(
     refresh: bool = False,
     **choose_kwargs: Any,
 ) -> AutoChoice:
-    """`choose_mode`, measured once per (CPU flags, device, torch version, weights, tolerance) and cached.
+    """`choose_mode`, measured once per (CPU flags, device, torch version, weights, tolerance) and cached; the
+    winner is also tried on ONNX Runtime (``+ort``) unless ``try_ort=False`` is passed.
 
     ``inputs()`` returns (images, labels or None, where they came from); it is called only on a cache miss.
     """
@@ -568,11 +613,15 @@ def auto_mode(
     entry = _read_cache(path).get(key)
     if entry and not refresh:
         try:
-            InferenceMode.parse(entry["mode"], spec)
-            return AutoChoice.from_dict(entry)
+            cached = InferenceMode.parse(entry["mode"], spec)
+            problems = mode_problems(cached, device, model) if cached.ort else []  # onnxruntime uninstalled since
+            if not problems:
+                return AutoChoice.from_dict(entry)
+            log.warning("the cached choice %s cannot run any more (%s); measuring again", cached, problems[0])
         except (ConfigError, KeyError, TypeError, ValueError):
             log.warning("%s holds a bad entry for this model; measuring again", path)
     images, labels, where = inputs()
+    choose_kwargs.setdefault("try_ort", True)
     choice = choose_mode(model, spec, images, labels, device=device, tolerance=tol, **choose_kwargs)
     choice.key, choice.evidence = key, f"{choice.evidence} from {where}"
     path.parent.mkdir(parents=True, exist_ok=True)
