@@ -37,16 +37,8 @@ import torch
 from torch import nn
 
 from loupe.core.errors import ConfigError
-from loupe.core.models.inference import (
-    DEFAULT_TOLERANCE,
-    InferenceMode,
-    cpu_name,
-    instruction_sets,
-    interleaved_times,
-    macro_auroc,
-    mode_problems,
-    with_mode,
-)
+from loupe.core.models.auto_mode import DEFAULT_TOLERANCE, interleaved_times, macro_auroc
+from loupe.core.models.inference import InferenceMode, cpu_name, instruction_sets, mode_problems, with_mode
 
 DEFAULT_ARCHS = ("vit_small_patch16_224", "vit_base_patch16_224")
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32+tome8", "bf16+tome8", "int8+tome8", "fp32+tome16", "bf16+tome16",
@@ -271,7 +263,7 @@ def tome_ratios(results: dict[str, ModeResult]) -> list[dict[str, Any]]:
 def accuracy_section(opts: SpeedOptions) -> dict[str, Any]:
     """Every mode of ``opts`` on a suite-trained model over a real evaluation manifest: AUROC, drop, agreement."""
     from loupe.core.models import load_model_dir
-    from loupe.core.models.inference import decisions, scores_of
+    from loupe.core.models.auto_mode import decisions, scores_of
 
     assert opts.model is not None and opts.eval_manifest is not None
     model, spec = load_model_dir(Path(opts.model.partition(":")[2]).expanduser())

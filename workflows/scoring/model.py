@@ -162,14 +162,15 @@ def apply_inference_mode(
     """``rm`` with its model run in ``mode`` (default: the spec's ``inference.mode``, else fp32).
 
     ``auto`` measures the available modes against fp32 on this machine once per (CPU, torch, weights) and caches
-    the pick (`loupe.core.models.inference.auto_mode`); accuracy is checked on the model folder's stored
+    the pick (`loupe.core.models.auto_mode.auto_mode`); accuracy is checked on the model folder's stored
     validation set (``validation.safetensors``: AUROC drop) or, without one, on up to `AUTO_SAMPLE` of the run's
     own inputs (decision agreement with fp32). The mode actually used is written into the returned spec, so it is
     part of the preprocessing hash of every row. ``rm`` itself is left as it is (its owner still closes it).
     """
     from dataclasses import replace
 
-    from loupe.core.models.inference import InferenceMode, auto_mode, with_mode
+    from loupe.core.models.auto_mode import auto_mode
+    from loupe.core.models.inference import InferenceMode, with_mode
 
     requested = mode or str(rm.spec.inference.get("mode") or "fp32")
     if requested == "auto":
@@ -193,7 +194,7 @@ def _auto_inputs(rm: ResolvedModel, sample_paths: Sequence[str]):
 
     from loupe.core.errors import LoupeError
     from loupe.core.io import read_any
-    from loupe.core.models.inference import VALIDATION_FILE, load_validation_set
+    from loupe.core.models.auto_mode import VALIDATION_FILE, load_validation_set
     from loupe.core.transforms import ModelInput
 
     stored = load_validation_set(rm.model_dir, rm.spec)
@@ -212,6 +213,6 @@ def _auto_inputs(rm: ResolvedModel, sample_paths: Sequence[str]):
         raise ConfigError(
             "--mode auto needs model inputs to check each mode's accuracy against fp32: the model folder stores no "
             f"{VALIDATION_FILE} and none of the run's inputs reads as a single image; store a validation set with "
-            "loupe.core.models.inference.save_validation_set(folder, images, labels), or pick a mode (--mode fp32)"
+            "loupe.core.models.auto_mode.save_validation_set(folder, images, labels), or pick a mode (--mode fp32)"
         )
     return torch.stack(images), None, f"{len(images)} of this run's inputs"

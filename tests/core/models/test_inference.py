@@ -12,20 +12,17 @@ from typer.testing import CliRunner
 
 from loupe.core.errors import ConfigError
 from loupe.core.models import WeightSpec, build_model, save_model, vit_classifier
+from loupe.core.models import auto_mode as am
 from loupe.core.models import inference as inf
-from loupe.core.models.inference import (
-    InferenceMode,
-    InferenceModel,
+from loupe.core.models.auto_mode import (
     Trial,
     auto_mode,
     choose_mode,
-    full_token_model,
     interleaved_times,
     load_validation_set,
-    mode_problems,
     save_validation_set,
-    with_mode,
 )
+from loupe.core.models.inference import InferenceMode, InferenceModel, full_token_model, mode_problems, with_mode
 from loupe.core.models.tome import ToMeConfig
 
 NANO = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
@@ -145,9 +142,9 @@ def test_a_mode_other_than_fp32_is_part_of_the_preprocessing_hash() -> None:
 def test_auto_keeps_fp32_when_nothing_is_both_accurate_and_faster() -> None:
     trials = {"fp32": Trial("fp32", speedup=1.0, accurate=True), "int8": Trial("int8", speedup=3.0, accurate=False),
               "bf16": Trial("bf16", speedup=1.05, accurate=True)}  # fmt: skip
-    assert inf._best(trials, min_speedup=1.1) == "fp32"
+    assert am._best(trials, min_speedup=1.1) == "fp32"
     trials["fp32+tome4"] = Trial("fp32+tome4", speedup=1.4, accurate=True)
-    assert inf._best(trials, min_speedup=1.1) == "fp32+tome4"
+    assert am._best(trials, min_speedup=1.1) == "fp32+tome4"
 
 
 @pytest.fixture
@@ -306,7 +303,7 @@ def test_score_mode_auto_measures_once_caches_and_records_its_pick(tmp_path: Pat
     def measured_again(*_a, **_k):
         raise AssertionError("auto measured again although this machine's choice is cached")
 
-    monkeypatch.setattr(inf, "choose_mode", measured_again)
+    monkeypatch.setattr(am, "choose_mode", measured_again)
     again, out2 = _score(tmp_path, folder, inputs, "auto2", "--mode", "auto")
     assert again.exit_code == 0, again.output
     assert set(pq.read_table(out2).to_pandas()["preprocessing_hash"]) == {expected}

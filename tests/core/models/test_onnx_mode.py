@@ -12,7 +12,8 @@ import torch
 from loupe.core.errors import ConfigError
 from loupe.core.models import WeightSpec, vit_classifier
 from loupe.core.models import onnx_runtime as onx
-from loupe.core.models.inference import InferenceMode, InferenceModel, candidate_modes, mode_problems, with_mode
+from loupe.core.models.auto_mode import candidate_modes
+from loupe.core.models.inference import InferenceMode, InferenceModel, mode_problems, with_mode
 from loupe.core.models.tome import ToMeConfig
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install -e '.[onnx]'")
@@ -132,7 +133,7 @@ def test_auto_offers_int8_ort_only_where_onnxruntime_runs(monkeypatch: pytest.Mo
 
 
 def test_a_cached_ort_choice_is_measured_again_once_onnxruntime_is_gone(tmp_path: Path, monkeypatch) -> None:
-    from loupe.core.models.inference import auto_mode
+    from loupe.core.models.auto_mode import auto_mode
 
     s = WeightSpec(name="m", architecture="vit_micro_patch8", input_size=(3, 32, 32), label_names=("a", "b"))
     calls = []
