@@ -260,14 +260,23 @@ def tome_ratios(results: dict[str, ModeResult]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------- accuracy
-def accuracy_section(opts: SpeedOptions) -> dict[str, Any]:
-    """Every mode of ``opts`` on a suite-trained model over a real evaluation manifest: AUROC, drop, agreement."""
+def accuracy_inputs(opts: SpeedOptions) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
+    """The suite-trained model of ``opts`` (any domain's architecture) and its evaluation inputs and labels; loaded
+    before the long sections so that a bad model or manifest fails the run at once."""
     from loupe.core.models import load_model_dir
-    from loupe.core.models.auto_mode import decisions, scores_of
+    from loupe.core.registry import discover_domains
 
     assert opts.model is not None and opts.eval_manifest is not None
+    discover_domains()  # the model may be built by a domain's registered architecture
     model, spec = load_model_dir(Path(opts.model.partition(":")[2]).expanduser())
-    images, labels = _eval_set(opts, spec)
+    return (model, spec, *_eval_set(opts, spec))
+
+
+def accuracy_section(opts: SpeedOptions, loaded: tuple | None = None) -> dict[str, Any]:
+    """Every mode of ``opts`` on a suite-trained model over a real evaluation manifest: AUROC, drop, agreement."""
+    from loupe.core.models.auto_mode import decisions, scores_of
+
+    model, spec, images, labels = loaded or accuracy_inputs(opts)
     ref_scores = scores_of(model, images, spec.task, 32)
     ref_auc = macro_auroc(labels, ref_scores)
     rows = {"fp32": {"auroc": ref_auc, "auroc_drop": 0.0, "agreement": 1.0}}
@@ -399,6 +408,7 @@ def run_speed(opts: SpeedOptions, on_section: Callable[[str], None] | None = Non
         raise ConfigError(f"--eval-manifest {opts.eval_manifest}: no such file; pass a CSV or Parquet manifest")
     note = on_section or (lambda _name: None)
     t0 = time.perf_counter()
+    loaded = accuracy_inputs(opts) if opts.model is not None else None
     out: dict[str, Any] = {"machine": machine_info()}
     note("gemm")
     peaks = gemm_peak(opts.gemm_size, opts.repeats, opts.min_seconds)
@@ -411,7 +421,7 @@ def run_speed(opts: SpeedOptions, on_section: Callable[[str], None] | None = Non
     accuracy = None
     if opts.model is not None:
         note("accuracy")
-        accuracy = out["accuracy"] = accuracy_section(opts)
+        accuracy = out["accuracy"] = accuracy_section(opts, loaded)
     out["fastest_accurate"] = fastest_accurate(out["models"], accuracy, opts.tolerance)
     if opts.mae:
         note("mae")

@@ -85,7 +85,18 @@ def quantize_onnx_int8(src: Path, dst: Path) -> None:
     """ONNX Runtime's dynamic quantization of ``src``: ``MatMul`` weights int8 per tensor, activations per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)  # for this call only: the quantizer advises it on the root logger
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop ONNX Runtime's "consider to run pre-processing before quantization" (shape inference for static
+    quantization; dynamic int8 of MatMul weights does not need it), keep every other record."""
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 def ort_session(path: Path) -> Any:
