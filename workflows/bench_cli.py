@@ -126,7 +126,7 @@ def speed(
     if io:
         from loupe.workflows.bench_io import io_sections
 
-        register_section("input_pipeline", lambda o: io_sections(o.quick))
+        register_section("input_pipeline", lambda _opts: io_sections(quick))
 
     over = {k: v for k, v in {"archs": tuple(arch or ()), "modes": tuple(mode or ()), "mae_arch": mae_arch}.items()
             if v}  # fmt: skip

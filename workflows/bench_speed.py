@@ -25,6 +25,7 @@ Timings are medians over interleaved rounds (every mode once per round), each ro
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ from torch import nn
 from loupe.core.errors import ConfigError
 from loupe.core.models.auto_mode import DEFAULT_TOLERANCE, interleaved_times, macro_auroc
 from loupe.core.models.inference import InferenceMode, cpu_name, instruction_sets, mode_problems, with_mode
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ARCHS = ("vit_small_patch16_224", "vit_base_patch16_224")
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32+tome8", "bf16+tome8", "int8+tome8", "fp32+tome16", "bf16+tome16",
@@ -430,7 +433,11 @@ def run_speed(opts: SpeedOptions, on_section: Callable[[str], None] | None = Non
     for name, section in EXTRA_SECTIONS.items():
         if opts.sections is None or name in opts.sections:
             note(name)
-            out["extra"][name] = section(opts)
+            try:
+                out["extra"][name] = section(opts)
+            except Exception as exc:  # noqa: BLE001 - one failed section must not lose the figures measured before it
+                log.exception("bench speed: the %s section failed", name)
+                out["extra"][name] = {"error": f"{type(exc).__name__}: {exc}"}
     out["machine"]["load_average_after"] = list(os.getloadavg())
     out["seconds"] = time.perf_counter() - t0
     out["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}

@@ -131,3 +131,22 @@ def test_an_evaluation_manifest_without_the_model_s_labels_is_refused(tmp_path: 
     opts = bench_speed.SpeedOptions.quick_options(model=f"local-dir:{folder}", eval_manifest=tmp_path / "m.csv")
     with pytest.raises(Exception, match=r"lacks column\(s\) \['LUAD'\]"):
         bench_speed.accuracy_section(opts)
+
+
+def test_io_adds_the_input_pipeline_section_and_a_failing_section_keeps_the_rest(monkeypatch) -> None:
+    from loupe.workflows import bench_io
+
+    calls = []
+    monkeypatch.setattr(bench_io, "io_sections", lambda quick: calls.append(quick) or {"figures": 1})
+    monkeypatch.setattr(bench_speed, "EXTRA_SECTIONS", {})
+    args = ["bench", "speed", "--quick", "--threads", "1", "--no-mae", "--json", "--arch", "vit_tiny_patch16_224",
+            "--mode", "fp32", "--io"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert calls == [True] and json.loads(res.stdout)["extra"]["input_pipeline"] == {"figures": 1}
+
+    monkeypatch.setattr(bench_io, "io_sections", lambda quick: 1 / 0)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["extra"]["input_pipeline"] == {"error": "ZeroDivisionError: division by zero"} and got["models"]
