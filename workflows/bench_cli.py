@@ -124,9 +124,9 @@ def speed(
     from loupe.workflows.bench_speed import SpeedOptions, register_section, run_speed
 
     if io:
-        from loupe.workflows.bench_io import io_sections
+        from loupe.workflows import bench_io
 
-        register_section("input_pipeline", lambda _opts: io_sections(quick))
+        register_section("input_pipeline", lambda _opts: bench_io.io_sections_in_child(quick))
 
     over = {k: v for k, v in {"archs": tuple(arch or ()), "modes": tuple(mode or ()), "mae_arch": mae_arch}.items()
             if v}  # fmt: skip

@@ -137,7 +137,7 @@ def test_io_adds_the_input_pipeline_section_and_a_failing_section_keeps_the_rest
     from loupe.workflows import bench_io
 
     calls = []
-    monkeypatch.setattr(bench_io, "io_sections", lambda quick: calls.append(quick) or {"figures": 1})
+    monkeypatch.setattr(bench_io, "io_sections_in_child", lambda quick: calls.append(quick) or {"figures": 1})
     monkeypatch.setattr(bench_speed, "EXTRA_SECTIONS", {})
     args = ["bench", "speed", "--quick", "--threads", "1", "--no-mae", "--json", "--arch", "vit_tiny_patch16_224",
             "--mode", "fp32", "--io"]  # fmt: skip
@@ -145,7 +145,7 @@ def test_io_adds_the_input_pipeline_section_and_a_failing_section_keeps_the_rest
     assert res.exit_code == 0, res.output
     assert calls == [True] and json.loads(res.stdout)["extra"]["input_pipeline"] == {"figures": 1}
 
-    monkeypatch.setattr(bench_io, "io_sections", lambda quick: 1 / 0)
+    monkeypatch.setattr(bench_io, "io_sections_in_child", lambda quick: 1 / 0)
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
