@@ -159,6 +159,8 @@ class OrtRunner:
     def _export(self, x: torch.Tensor, path: Path) -> Path:
         """Export (and quantize) to temporary files beside ``path``, then move the result into place atomically;
         returns the file written (another name when the export fell back to ``x``'s batch size)."""
+        # once per weights and mode, up to a minute for a ViT-B: said at the default log level, not left as a hang
+        log.warning("exporting the model to ONNX for %s (once; later runs load %s)", self.tag or self.precision, path)
         with torch.inference_mode():
             keys = sorted(model_outputs(self.model, x[:1]))
         wrapper = _Outputs(self.model, keys).eval()
